@@ -1,0 +1,227 @@
+"""Run a real tritonserver without Docker.
+
+The binary comes from the nvidia-pytriton wheel (Triton 2.51 with the python
+backend), installed with --no-deps: only its files are used, never pytriton's
+Python API. ``MMFUSE_TRITONSERVER`` may point at another tritonserver binary
+(for example ``/opt/tritonserver/bin/tritonserver`` in NGC images), with
+``MMFUSE_BACKEND_DIR`` for its backends.
+
+Two traps handled here (see shared notes): the python-backend stub for the
+running CPython must sit next to ``libtriton_python.so``, and the stub embeds
+CPython and ignores PYTHONPATH, so the server is started with this
+interpreter's ``bin/`` first on PATH, which makes the stub use this
+environment's site-packages (numpy<2, torch, open_clip, mmfuse).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+class ServerError(RuntimeError):
+    """tritonserver could not be found, started, or did not become ready."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backend_dir: Path
+
+
+def find_triton() -> TritonInstall:
+    """Locate tritonserver and its backends; put the python stub in place if needed."""
+    env_binary = os.environ.get("MMFUSE_TRITONSERVER")
+    if env_binary:
+        binary = Path(env_binary)
+        backend_dir = Path(os.environ.get("MMFUSE_BACKEND_DIR", binary.parent.parent / "backends"))
+        if not binary.is_file():
+            raise ServerError(f"MMFUSE_TRITONSERVER={env_binary} is not a file")
+        return TritonInstall(binary, backend_dir)
+    spec = importlib.util.find_spec("pytriton")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError(
+            "tritonserver not found: install the nvidia-pytriton wheel (it carries Triton 2.51) with "
+            "`pip install --no-deps nvidia-pytriton==0.7.0` (scripts/setup.sh does), "
+            "or set MMFUSE_TRITONSERVER to a tritonserver binary"
+        )
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    install = TritonInstall(root / "bin" / "tritonserver", root / "backends")
+    if not install.binary.is_file():
+        raise ServerError(f"{install.binary} is missing: reinstall nvidia-pytriton")
+    _ensure_python_stub(root)
+    return install
+
+
+def _ensure_python_stub(root: Path) -> None:
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    source = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    target = root / "backends" / "python" / "triton_python_backend_stub"
+    if not source.is_file():
+        raise ServerError(f"no python-backend stub for Python {version} in {source.parent.parent}")
+    if not target.is_file() or target.stat().st_size != source.stat().st_size:
+        shutil.copy2(source, target)
+        target.chmod(0o755)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+    model_control_mode: str = "none"  # none | explicit | poll
+    load_models: Sequence[str] = ()  # with explicit mode; empty = all ("*")
+    log_verbose: int = 0
+    extra_args: Sequence[str] = field(default_factory=tuple)
+
+    @classmethod
+    def on_free_ports(cls, **kwargs) -> "ServerConfig":
+        return cls(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs)
+
+    def command(self, install: TritonInstall) -> list[str]:
+        cmd = [
+            str(install.binary),
+            f"--model-repository={Path(self.model_repository).resolve()}",
+            f"--backend-directory={install.backend_dir}",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            f"--model-control-mode={self.model_control_mode}",
+            f"--log-verbose={self.log_verbose}",
+            "--strict-readiness=true",
+            "--exit-on-error=true",
+        ]
+        if self.model_control_mode == "explicit":
+            for name in self.load_models or ("*",):
+                cmd.append(f"--load-model={name}")
+        return cmd + list(self.extra_args)
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    return env
+
+
+def is_ready(http_port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class TritonServer:
+    """A tritonserver child process: ``with TritonServer(cfg) as server: ...`` starts, waits, stops."""
+
+    def __init__(self, config: ServerConfig, log_path: Path | None = None):
+        self.config = config
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.config.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.config.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+
+    def start(self) -> "TritonServer":
+        install = find_triton()
+        cmd = self.config.command(install)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            cmd, env=server_env(), stdout=self._log_file, stderr=subprocess.STDOUT if self._log_file else None,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} before it was ready"
+                                  + self._log_hint())
+            if is_ready(self.config.http_port):
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s" + self._log_hint())
+
+    def _log_hint(self) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-40:]
+        return f"; log {self.log_path}:\n" + "\n".join(tail)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        return self.process.returncode
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_foreground(config: ServerConfig) -> int:
+    """``mmfuse serve``: run tritonserver in the foreground; SIGTERM/SIGINT stop it cleanly."""
+    server = TritonServer(config).start()
+    assert server.process is not None
+
+    def forward(signum, _frame):
+        if server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = server.process.wait()
+    return 0 if code in (0, -signal.SIGTERM) else code

@@ -1,0 +1,167 @@
+"""open_clip image and text towers as batch handlers.
+
+Rows marked invalid (VALID false) are not encoded: their EMBEDDING is zeros.
+EMBEDDING is L2-normalised, float32 whatever the compute precision. SEQUENCE (the
+token sequence of the tower's last layer, for attention fusion) is returned only
+when a caller asks for it.
+
+Parameters: those of python_backends.openclip_models, plus
+
+================  ===============================================================
+torch_threads     intra-op threads per instance (default 0: torch's default)
+trim_text_tokens  text: run the transformer only up to the longest real caption
+                  in the batch (default true; exact under the causal mask)
+================  ===============================================================
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .openclip_models import ClipSpec, load_clip, torch_dtype
+from .params import ModelContext, Params
+from .serving import TensorSpec
+
+
+def _setup_torch(params: Params) -> None:
+    import torch
+
+    threads = params.int("torch_threads", 0, minimum=0)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _scatter(valid: np.ndarray, values: np.ndarray, rows: int) -> np.ndarray:
+    out = np.zeros((rows,) + values.shape[1:], dtype=np.float32)
+    out[valid] = values
+    return out
+
+
+class ImageEncoder:
+    """PIXELS [B,3,H,W] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,T,W] on request)."""
+
+    inputs = (TensorSpec("PIXELS", "f", row_rank=3), TensorSpec("VALID", "b", optional=True))
+
+    def __init__(self, spec: ClipSpec, device: str = "cpu"):
+        model = load_clip(spec, device)
+        self.visual = model.visual  # the text tower is dropped with `model`
+        self.visual.output_tokens = True
+        self.device = device
+        self.dtype = torch_dtype(spec.precision)
+        self.embed_dim = int(spec.model_config()["embed_dim"])
+        size = self.visual.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        _, probe = self.encode(np.zeros((1, 3) + size, np.float32))  # warm-up; learns the sequence shape
+        self.sequence_shape = probe.shape[1:]
+
+    @classmethod
+    def from_parameters(cls, context: ModelContext, params: Params) -> "ImageEncoder":
+        _setup_torch(params)
+        return cls(ClipSpec.from_params(params, context), context.torch_device)
+
+    def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.from_numpy(pixels).to(self.device, self.dtype)
+            pooled, tokens = self.visual(x)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            return pooled.cpu().numpy(), tokens.float().cpu().numpy()
+
+    def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
+        pixels = batch["PIXELS"]
+        rows = pixels.shape[0]
+        valid = batch["VALID"].reshape(rows) if "VALID" in batch else np.ones(rows, dtype=bool)
+        if valid.any():
+            pooled, sequence = self.encode(np.ascontiguousarray(pixels[valid], dtype=np.float32))
+        else:
+            pooled = np.zeros((0, self.embed_dim), np.float32)
+            sequence = np.zeros((0,) + self.sequence_shape, np.float32)
+        out = {"EMBEDDING": _scatter(valid, pooled, rows)}
+        if "SEQUENCE" in requested:
+            out["SEQUENCE"] = _scatter(valid, sequence, rows)
+        return out
+
+
+class TextEncoder:
+    """TOKENS int64 [B,L] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,L,W] on request)."""
+
+    inputs = (TensorSpec("TOKENS", "i", row_rank=1), TensorSpec("VALID", "b", optional=True))
+
+    def __init__(self, spec: ClipSpec, device: str = "cpu", trim: bool = True):
+        model = load_clip(spec, device)
+        model.visual = None  # the image tower is not needed here
+        self.model = model
+        self.device = device
+        self.trim = trim
+        self.embed_dim = int(spec.model_config()["embed_dim"])
+
+    @classmethod
+    def from_parameters(cls, context: ModelContext, params: Params) -> "TextEncoder":
+        _setup_torch(params)
+        spec = ClipSpec.from_params(params, context)
+        return cls(spec, context.torch_device, trim=params.bool("trim_text_tokens", True))
+
+    def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            text = torch.from_numpy(tokens).to(self.device)
+            pooled, sequence = encode_text(self.model, text, trim=self.trim)
+            pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
+            return pooled.cpu().numpy(), sequence.float().cpu().numpy()
+
+    def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
+        tokens = batch["TOKENS"]
+        rows, length = tokens.shape
+        valid = batch["VALID"].reshape(rows) if "VALID" in batch else np.ones(rows, dtype=bool)
+        width = int(self.model.ln_final.normalized_shape[0]) if hasattr(self.model, "ln_final") else self.embed_dim
+        if valid.any():
+            pooled, sequence = self.encode(np.ascontiguousarray(tokens[valid], dtype=np.int64))
+        else:
+            pooled, sequence = np.zeros((0, self.embed_dim), np.float32), np.zeros((0, length, width), np.float32)
+        out = {"EMBEDDING": _scatter(valid, pooled, rows)}
+        if "SEQUENCE" in requested:
+            padded = np.zeros((sequence.shape[0], length, sequence.shape[2]), np.float32)
+            padded[:, : sequence.shape[1]] = sequence
+            out["SEQUENCE"] = _scatter(valid, padded, rows)
+        return out
+
+
+def encode_text(model, text, trim: bool = True):
+    """(pooled projected features, final-layer token sequence) of open_clip's text tower.
+
+    For the CLIP class with a causal mask and EOT (argmax) pooling, the sequence is cut at the
+    longest caption in the batch: positions after a caption's EOT token never influence it under
+    the causal mask, so the result equals the padded computation (tests check it).
+    """
+    import torch
+    from open_clip.transformer import text_global_pool
+
+    if not hasattr(model, "token_embedding"):  # CustomTextCLIP: the tower is a module of its own
+        tower = model.text
+        previous = getattr(tower, "output_tokens", False)
+        tower.output_tokens = True
+        try:
+            pooled, sequence = tower(text)
+        finally:
+            tower.output_tokens = previous
+        return pooled, sequence
+    attn_mask = model.attn_mask
+    pool_type = getattr(model, "text_pool_type", "argmax")
+    if trim and attn_mask is not None and pool_type == "argmax" and text.shape[0] > 0:
+        length = int(text.argmax(dim=-1).max().item()) + 1
+        text = text[:, :length]
+        attn_mask = attn_mask[:length, :length]
+    cast_dtype = model.transformer.get_cast_dtype()
+    length = text.shape[1]
+    x = model.token_embedding(text).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=attn_mask)
+    sequence = model.ln_final(x)
+    pooled = text_global_pool(sequence, text, pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    projection = model.text_projection
+    if projection is not None:
+        pooled = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
+    return pooled, sequence

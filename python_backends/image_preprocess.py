@@ -1,0 +1,148 @@
+"""Encoded image bytes -> the exact tensor open_clip's own preprocessing gives.
+
+Decoding is per row and never raises: a row that cannot be used gets a status
+(``missing``, ``too_large``, ``undecodable``) and a zero tensor, and the other
+rows are untouched. The pixel transform is open_clip's own inference transform
+for the configured model, so served pixels equal ``preprocess(PIL image)``.
+
+Parameters (config.pbtxt), beside the model ones of python_backends.openclip_models:
+
+===================  ================================================================
+max_image_bytes      encoded size limit per image (default 16 MiB) -> ``too_large``
+max_image_pixels     width*height limit, checked from the header before decoding
+                     (default 40,000,000): decompression bombs -> ``too_large``
+decode_threads       images decoded in parallel per batch (default 2; PIL frees the GIL)
+===================  ================================================================
+"""
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .openclip_models import ClipSpec, preprocess_config
+from .params import ModelContext, Params
+from .serving import TensorSpec
+from .status import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_array
+
+DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+
+
+class ImageRejected(Exception):
+    def __init__(self, status: str, detail: str = ""):
+        super().__init__(detail or status)
+        self.status = status
+
+
+def _to_8bit_rgb(image):
+    """Grey, palette, CMYK, 16-bit and float images to 8-bit RGB (what open_clip's convert('RGB') expects)."""
+    from PIL import Image
+
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL clips 16/32-bit values to 0..255 in convert('L'); rescale to the full range first.
+        array = np.asarray(image, dtype=np.float64)
+        if mode.startswith("I;16"):
+            array = array / 257.0
+        else:
+            low, high = float(array.min()), float(array.max())
+            array = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+        image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()):
+    """Bytes -> an RGB PIL image (first frame, EXIF orientation applied). Raises ImageRejected."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageRejected(MISSING)
+    if len(data) > limits.max_image_bytes:
+        raise ImageRejected(TOO_LARGE, f"{len(data)} bytes > max_image_bytes {limits.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise ImageRejected(UNDECODABLE, f"image size {width}x{height}")
+            if width * height > limits.max_image_pixels:
+                raise ImageRejected(
+                    TOO_LARGE, f"{width}x{height} pixels > max_image_pixels {limits.max_image_pixels}"
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _to_8bit_rgb(image)
+    except ImageRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageRejected(TOO_LARGE, str(error)) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError,
+            TypeError, KeyError, MemoryError, struct.error) as error:
+        raise ImageRejected(UNDECODABLE, f"{type(error).__name__}: {error}") from None
+
+
+class ImagePreprocessor:
+    """Handler of the image_preprocess model: IMAGE bytes [B,1] -> PIXELS [B,3,H,W], VALID, STATUS."""
+
+    inputs = (TensorSpec("IMAGE", "O", row_rank=1),)
+
+    def __init__(self, spec: ClipSpec, limits: ImageLimits = ImageLimits(), decode_threads: int = 2):
+        from open_clip.transform import image_transform_v2
+
+        self.spec = spec
+        self.limits = limits
+        self.cfg = preprocess_config(spec)
+        self.transform: Callable = image_transform_v2(self.cfg, is_train=False)
+        self.input_size = tuple(self.cfg.input_size)
+        self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
+
+    @classmethod
+    def from_parameters(cls, context: ModelContext, params: Params) -> "ImagePreprocessor":
+        spec = ClipSpec.from_params(params, context, weights=False)
+        limits = ImageLimits(
+            max_image_bytes=params.int("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES, minimum=1),
+            max_image_pixels=params.int("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, minimum=1),
+        )
+        return cls(spec, limits, decode_threads=params.int("decode_threads", 2, minimum=1, maximum=64))
+
+    def preprocess_one(self, data: bytes) -> tuple[np.ndarray | None, str]:
+        try:
+            image = decode_image(data, self.limits)
+            return self.transform(image).numpy(), OK
+        except ImageRejected as rejected:
+            return None, rejected.status
+        except Exception:  # noqa: BLE001 - a row never fails the batch
+            return None, UNDECODABLE
+
+    def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
+        rows = column_bytes(batch["IMAGE"])
+        mapper = self._pool.map if self._pool is not None and len(rows) > 1 else map
+        results = list(mapper(self.preprocess_one, rows))
+        pixels = np.zeros((len(rows),) + self.input_size, dtype=np.float32)
+        valid = np.zeros((len(rows), 1), dtype=bool)
+        statuses = []
+        for i, (tensor, status) in enumerate(results):
+            if tensor is not None:
+                pixels[i] = tensor
+                valid[i, 0] = True
+            statuses.append(status)
+        return {"PIXELS": pixels, "VALID": valid, "STATUS": status_array(statuses)}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)

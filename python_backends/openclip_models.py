@@ -1,0 +1,188 @@
+"""open_clip models as configured by config.pbtxt parameters.
+
+Parameters shared by image_preprocess, text_preprocess, image_encoder and text_encoder:
+
+=================  ==========================================================================
+model_name         open_clip architecture (``ViT-B-32``, or ``mmfuse-tiny`` shipped here)
+model_config_file  optional: a JSON open_clip model config to register (relative to the model dir)
+pretrained         weights: an open_clip pretrained tag (``laion2b_s34b_b79k``) or a checkpoint
+                   file (.safetensors preferred; .pt/.pth/.bin loaded with weights_only=True)
+allow_random_init  ``true`` lets a model with no weights load with seeded random weights
+                   (tests, benchmarks). Default ``false``: no weights is a load error.
+seed               seed of that random init (default 0); same seed -> same weights everywhere
+precision          fp32 | bf16 | fp16 (fp16 needs a GPU instance)
+cache_dir          where open_clip caches downloaded pretrained weights
+=================  ==========================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, WeightsError
+from .params import ModelContext, Params
+
+SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def register_model_configs(extra: Path | None = None) -> None:
+    """Make the shipped configs (and an optional user JSON config) known to open_clip."""
+    import open_clip
+
+    if "mmfuse-tiny" not in open_clip.list_models():
+        open_clip.add_model_config(SHIPPED_CONFIG_DIR)
+    if extra is not None:
+        if not extra.is_file():
+            raise ConfigError(f"model config file {extra} does not exist")
+        open_clip.add_model_config(extra)
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Which open_clip model, which weights, which precision."""
+
+    model_name: str
+    pretrained: str = ""
+    allow_random_init: bool = False
+    seed: int = 0
+    precision: str = "fp32"
+    cache_dir: str | None = None
+    model_config_file: Path | None = None
+
+    @classmethod
+    def from_params(cls, params: Params, context: ModelContext | None = None, *, weights: bool = True) -> "ClipSpec":
+        base = context.model_dir if context is not None else Path.cwd()
+        config_file = params.str("model_config_file", "")
+        spec = cls(
+            model_name=params.str("model_name"),
+            model_config_file=_resolve(base, config_file) if config_file else None,
+            pretrained=params.str("pretrained", ""),
+            allow_random_init=params.bool("allow_random_init", False) if weights else True,
+            seed=params.int("seed", 0, minimum=0) if weights else 0,
+            precision=params.choice("precision", "fp32", PRECISIONS) if weights else "fp32",
+            cache_dir=params.str("cache_dir", "") or None,
+        )
+        if spec.is_checkpoint_file:
+            spec = cls(**{**asdict(spec), "pretrained": str(_resolve(base, spec.pretrained))})
+        spec.validate(context)
+        return spec
+
+    @property
+    def is_checkpoint_file(self) -> bool:
+        p = self.pretrained
+        return bool(p) and ("/" in p or p.endswith(CHECKPOINT_SUFFIXES))
+
+    def validate(self, context: ModelContext | None = None) -> None:
+        import open_clip
+
+        register_model_configs(self.model_config_file)
+        who = f"model '{context.model_name}': " if context else ""
+        if self.model_name not in open_clip.list_models():
+            raise ConfigError(
+                f"{who}unknown open_clip model_name {self.model_name!r}; "
+                f"use one of open_clip.list_models() or set model_config_file"
+            )
+        if self.precision == "fp16" and (context is None or context.instance_kind != "GPU"):
+            raise ConfigError(f"{who}precision 'fp16' needs a KIND_GPU instance; use fp32 or bf16 on the CPU")
+        if self.pretrained and not self.is_checkpoint_file:
+            tags = open_clip.list_pretrained_tags_by_model(self.model_name)
+            if self.pretrained not in tags:
+                raise ConfigError(
+                    f"{who}pretrained tag {self.pretrained!r} is not known for {self.model_name}; "
+                    f"known tags: {', '.join(tags) or 'none'}; or give a checkpoint file path"
+                )
+
+    def model_config(self) -> dict[str, Any]:
+        import open_clip
+
+        register_model_configs(self.model_config_file)
+        return open_clip.get_model_config(self.model_name)
+
+
+def _resolve(base: Path, path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def preprocess_config(spec: ClipSpec):
+    """The PreprocessCfg that open_clip.create_model would attach to this model, without building it.
+
+    Same precedence as open_clip: defaults < model config's preprocess_cfg < the pretrained tag's
+    config < the vision tower's image size. The parity test checks this against open_clip itself.
+    """
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = asdict(PreprocessCfg())
+    model_cfg = spec.model_config()
+    cfg = merge_preprocess_dict(cfg, model_cfg.get("preprocess_cfg", {}))
+    if spec.pretrained and not spec.is_checkpoint_file:
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(spec.model_name, spec.pretrained))
+    size = model_cfg.get("vision_cfg", {}).get("image_size")
+    if size is not None:
+        cfg["size"] = size
+    return PreprocessCfg(**cfg)
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_clip(spec: ClipSpec, device: str = "cpu"):
+    """Build the open_clip model with its weights, cast to the precision, in eval mode.
+
+    Refuses to run with random weights unless ``allow_random_init`` says so.
+    """
+    import open_clip
+    import torch
+
+    register_model_configs(spec.model_config_file)
+    if not spec.pretrained:
+        if not spec.allow_random_init:
+            raise WeightsError(
+                f"no weights configured for open_clip model {spec.model_name!r}: set parameter 'pretrained' "
+                "to a pretrained tag or a checkpoint file, or set 'allow_random_init' to 'true' "
+                "(random weights: tests and benchmarks only)"
+            )
+        torch.manual_seed(spec.seed)
+        model = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+    elif spec.is_checkpoint_file:
+        path = Path(spec.pretrained)
+        if not path.is_file():
+            raise WeightsError(f"checkpoint file {path} for open_clip model {spec.model_name!r} does not exist")
+        model = open_clip.create_model(spec.model_name, pretrained=None, device="cpu")
+        try:
+            # safetensors by suffix; anything else with torch.load(weights_only=True): never arbitrary pickles.
+            open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        except Exception as error:  # noqa: BLE001
+            raise WeightsError(f"could not load checkpoint {path} into {spec.model_name!r}: {error}") from error
+    else:
+        try:
+            model = open_clip.create_model(
+                spec.model_name, pretrained=spec.pretrained, cache_dir=spec.cache_dir, device="cpu",
+                require_pretrained=True,
+            )
+        except Exception as error:  # noqa: BLE001
+            raise WeightsError(
+                f"could not load pretrained weights {spec.pretrained!r} for {spec.model_name!r} ({error}). "
+                "Without network access, download the checkpoint elsewhere and set 'pretrained' to its path."
+            ) from error
+    model = model.to(device=device, dtype=torch_dtype(spec.precision))
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_tokenizer(spec: ClipSpec):
+    import open_clip
+
+    register_model_configs(spec.model_config_file)
+    try:
+        return open_clip.get_tokenizer(spec.model_name, cache_dir=spec.cache_dir)
+    except Exception as error:  # noqa: BLE001
+        raise WeightsError(f"could not load the tokenizer of {spec.model_name!r}: {error}") from error

@@ -1,0 +1,61 @@
+"""UTF-8 strings -> open_clip token ids for the configured model, per row, never failing the batch.
+
+Parameters (config.pbtxt), beside model_name / pretrained / model_config_file / cache_dir:
+
+==============  ===================================================================
+max_text_chars  longer texts are masked with status ``too_large`` (default 4096);
+                texts within the limit are tokenized and cut at the model's context
+                length, exactly as open_clip's tokenizer does
+==============  ===================================================================
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from .openclip_models import ClipSpec, load_tokenizer
+from .params import ModelContext, Params
+from .serving import TensorSpec
+from .status import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_array
+
+DEFAULT_MAX_TEXT_CHARS = 4096
+
+
+def check_text(data: bytes, max_chars: int) -> tuple[str | None, str]:
+    """Bytes -> (text, status). Empty or whitespace-only text is ``missing``."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, UNDECODABLE
+    if not text.strip():
+        return None, MISSING
+    if len(text) > max_chars:
+        return None, TOO_LARGE
+    return text, OK
+
+
+class TextPreprocessor:
+    """Handler of the text_preprocess model: TEXT [B,1] -> TOKENS int64 [B,L], VALID, STATUS."""
+
+    inputs = (TensorSpec("TEXT", "O", row_rank=1),)
+
+    def __init__(self, spec: ClipSpec, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
+        self.spec = spec
+        self.max_text_chars = max_text_chars
+        self.tokenizer = load_tokenizer(spec)
+        self.context_length = int(self.tokenizer.context_length)
+
+    @classmethod
+    def from_parameters(cls, context: ModelContext, params: Params) -> "TextPreprocessor":
+        spec = ClipSpec.from_params(params, context, weights=False)
+        return cls(spec, params.int("max_text_chars", DEFAULT_MAX_TEXT_CHARS, minimum=1))
+
+    def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
+        rows = [check_text(data, self.max_text_chars) for data in column_bytes(batch["TEXT"])]
+        tokens = np.zeros((len(rows), self.context_length), dtype=np.int64)
+        valid = np.array([[text is not None] for text, _ in rows], dtype=bool).reshape(len(rows), 1)
+        index = [i for i, (text, _) in enumerate(rows) if text is not None]
+        if index:
+            tokens[index] = self.tokenizer([rows[i][0] for i in index]).numpy()
+        return {"TOKENS": tokens, "VALID": valid, "STATUS": status_array([status for _, status in rows])}
