@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Create .venv in the checkout and install everything mmfuse needs, from the project's own files.
+# Idempotent: a stamp file skips the work when nothing changed. Used by `make setup|demo|test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+STAMP=$VENV/.mmfuse-setup
+inputs_hash=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$inputs_hash" ] && [ -x "$VENV/bin/mmfuse" ]; then
+  exit 0
+fi
+
+pyver=$("$PYTHON" -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
+echo "mmfuse setup: Python $pyver, creating $VENV ..."
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints.txt)
+
+# torch and torchvision must be a matching pair (open_clip imports torchvision).
+case "$(uname -m)" in
+  aarch64) torch_pins=(torch==2.9.1 torchvision==0.24.1) ;;
+  *) torch_pins=(torch==2.14.1 torchvision==0.29.1) ;;
+esac
+echo "mmfuse setup: installing ${torch_pins[*]} ..."
+"${PIP[@]}" "${torch_pins[@]}" 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
+"$VENV/bin/python" -c 'import torch, torchvision' >/dev/null
+
+echo "mmfuse setup: installing mmfuse and its dependencies ..."
+"${PIP[@]}" -e ".[test]" 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
+
+# The real tritonserver 2.51 (with the python backend) travels in the nvidia-pytriton wheel.
+# --no-deps: only its binary is used, never pytriton's Python API or its dependency pins.
+echo "mmfuse setup: installing tritonserver (nvidia-pytriton wheel, --no-deps) ..."
+"${PIP[@]}" --no-deps nvidia-pytriton==0.7.0 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
+
+# The python-backend stub embeds the system's libpython (Debian: libpython3.X).
+if ! ldconfig -p | grep -q "libpython${pyver}.so.1.0"; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "mmfuse setup: installing libpython${pyver} for the python-backend stub ..."
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "libpython${pyver}" >/dev/null
+  else
+    echo "mmfuse setup: WARNING: libpython${pyver}.so.1.0 not found; the python backend stub needs it" >&2
+  fi
+fi
+
+# Check the pieces that cost hours when wrong.
+"$VENV/bin/python" - <<'PY'
+import numpy, open_clip, torch, tritonclient.grpc  # noqa: F401
+from mmfuse.server import find_triton
+assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__version__}: Triton 2.51's stub needs numpy<2"
+install = find_triton()
+print(f"mmfuse setup: ok (torch {torch.__version__}, open_clip {open_clip.__version__}, numpy {numpy.__version__}, "
+      f"tritonserver {install.binary})")
+PY
+echo "$inputs_hash" > "$STAMP"
