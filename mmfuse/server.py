@@ -83,6 +83,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class TLSConfig:
+    """gRPC TLS for tritonserver. ``mutual``: clients must present a certificate signed by ``ca``."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    mutual: bool = False
+
+    def args(self) -> list[str]:
+        for path in (self.cert, self.key, self.ca):
+            if path is not None and not Path(path).is_file():
+                raise ServerError(f"TLS file {path} does not exist")
+        if self.mutual and self.ca is None:
+            raise ServerError("mutual TLS needs a CA certificate (--tls-ca)")
+        args = ["--grpc-use-ssl=true", f"--grpc-server-cert={self.cert}", f"--grpc-server-key={self.key}"]
+        if self.ca is not None:
+            args.append(f"--grpc-root-cert={self.ca}")
+        if self.mutual:
+            args.append("--grpc-use-ssl-mutual=true")
+        return args
+
+
 @dataclass
 class ServerConfig:
     model_repository: Path = DEFAULT_MODEL_REPOSITORY
@@ -92,6 +115,7 @@ class ServerConfig:
     model_control_mode: str = "none"  # none | explicit | poll
     load_models: Sequence[str] = ()  # with explicit mode; empty = all ("*")
     log_verbose: int = 0
+    tls: TLSConfig | None = None
     extra_args: Sequence[str] = field(default_factory=tuple)
 
     @classmethod
@@ -114,6 +138,8 @@ class ServerConfig:
         if self.model_control_mode == "explicit":
             for name in self.load_models or ("*",):
                 cmd.append(f"--load-model={name}")
+        if self.tls is not None:
+            cmd += self.tls.args()
         return cmd + list(self.extra_args)
 
 

@@ -1,0 +1,2 @@
+"""Sub-commands of ``mmfuse``. Each module defines ``register(subparsers)``; add new ones to COMMANDS."""
+COMMANDS = ("serve", "infer", "demo")

@@ -1,0 +1,52 @@
+"""mmfuse serve [--model-repository DIR] [--grpc-port N --http-port N --metrics-port N]"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..server import DEFAULT_MODEL_REPOSITORY, ServerConfig, ServerError, TLSConfig, serve_foreground
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run tritonserver on the model repository (foreground; SIGTERM stops it)")
+    p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--model-control-mode", choices=("none", "explicit", "poll"), default="none",
+                   help="explicit: models can be reloaded live through the repository API")
+    p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--tls-cert", help="gRPC TLS: server certificate (PEM)")
+    p.add_argument("--tls-key", help="gRPC TLS: server private key (PEM)")
+    p.add_argument("--tls-ca", help="gRPC TLS: CA certificate (PEM) that signs client certificates")
+    p.add_argument("--tls-mutual", action="store_true", help="require client certificates (mutual TLS)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    repo = Path(args.model_repository)
+    if not repo.is_dir():
+        print(f"mmfuse serve: model repository {repo} is not a directory", file=sys.stderr)
+        return 2
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            print("mmfuse serve: --tls-cert and --tls-key go together", file=sys.stderr)
+            return 2
+        tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None,
+                        args.tls_mutual)
+    config = ServerConfig(
+        model_repository=repo,
+        grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        metrics_port=args.metrics_port,
+        model_control_mode=args.model_control_mode,
+        log_verbose=args.log_verbose,
+        tls=tls,
+    )
+    try:
+        return serve_foreground(config)
+    except ServerError as error:
+        print(f"mmfuse serve: {error}", file=sys.stderr)
+        return 1
