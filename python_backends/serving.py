@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from .errors import InternalError, InvalidInputError, MMFuseError
+from .metrics import ModelMetrics
 from .params import ModelContext, Params
 
 log = logging.getLogger("mmfuse")
@@ -128,6 +129,8 @@ class TritonAdapter:
             out["name"]: pb.triton_string_to_numpy(out["data_type"]) for out in config.get("output", [])
         }
         self.output_names = frozenset(self.output_dtypes)
+        # Metrics hook (python_backends/metrics.py): per-modality series on Triton's metrics port.
+        self.metrics = ModelMetrics.create(pb, self.model_name, self.handler)
         log.info("mmfuse model '%s' ready (%s)", self.model_name, type(self.handler).__name__)
 
     # -- helpers -------------------------------------------------------------------
@@ -155,13 +158,16 @@ class TritonAdapter:
         return (names & self.output_names) or self.output_names
 
     def _run(self, inputs: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
+        handler_started = time.perf_counter()
         outputs = self.handler(inputs, requested)
+        handler_seconds = time.perf_counter() - handler_started
         rows = next(iter(inputs.values())).shape[0]
         for name in requested:
             if name in outputs and outputs[name].shape[0] != rows:
                 raise InternalError(
                     f"model '{self.model_name}': output '{name}' has {outputs[name].shape[0]} rows for {rows} input rows"
                 )
+        self.metrics.observe(outputs, rows, handler_seconds)  # metrics hook
         return outputs
 
     # -- Triton entry point --------------------------------------------------------------
