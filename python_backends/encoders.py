@@ -39,7 +39,7 @@ def _scatter(valid: np.ndarray, values: np.ndarray, rows: int) -> np.ndarray:
 
 
 class ImageEncoder:
-    """PIXELS [B,3,H,W] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,T,W] on request)."""
+    """PIXELS [B,3,H,W] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,T,W], SEQUENCE_MASK [B,T] on request)."""
 
     inputs = (TensorSpec("PIXELS", "f", row_rank=3), TensorSpec("VALID", "b", optional=True))
 
@@ -79,13 +79,14 @@ class ImageEncoder:
             pooled = np.zeros((0, self.embed_dim), np.float32)
             sequence = np.zeros((0,) + self.sequence_shape, np.float32)
         out = {"EMBEDDING": _scatter(valid, pooled, rows)}
-        if "SEQUENCE" in requested:
+        if "SEQUENCE" in requested or "SEQUENCE_MASK" in requested:
             out["SEQUENCE"] = _scatter(valid, sequence, rows)
+            out["SEQUENCE_MASK"] = np.repeat(valid[:, None], sequence.shape[1], axis=1)
         return out
 
 
 class TextEncoder:
-    """TOKENS int64 [B,L] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,L,W] on request)."""
+    """TOKENS int64 [B,L] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,L,W], SEQUENCE_MASK [B,L] on request)."""
 
     inputs = (TensorSpec("TOKENS", "i", row_rank=1), TensorSpec("VALID", "b", optional=True))
 
@@ -122,10 +123,15 @@ class TextEncoder:
         else:
             pooled, sequence = np.zeros((0, self.embed_dim), np.float32), np.zeros((0, length, width), np.float32)
         out = {"EMBEDDING": _scatter(valid, pooled, rows)}
-        if "SEQUENCE" in requested:
+        if "SEQUENCE" in requested or "SEQUENCE_MASK" in requested:
+            # Positions after a row's end-of-text token are padding: zero them, so that a row's
+            # SEQUENCE never depends on the other captions of its batch; SEQUENCE_MASK marks them.
+            real = np.arange(length)[None, :] <= tokens.argmax(axis=1)[:, None]
             padded = np.zeros((sequence.shape[0], length, sequence.shape[2]), np.float32)
             padded[:, : sequence.shape[1]] = sequence
+            padded *= real[valid][:, :, None]
             out["SEQUENCE"] = _scatter(valid, padded, rows)
+            out["SEQUENCE_MASK"] = real & valid[:, None]
         return out
 
 

@@ -51,6 +51,8 @@ def late_fusion(embeddings: np.ndarray, mask: np.ndarray, weights: Sequence[floa
     mask = np.asarray(mask, dtype=bool)
     w = np.asarray(weights, dtype=np.float32)[None, :] * mask  # [B,N]
     contributed = w > 0
+    # 0 * NaN is NaN: a masked modality must not reach the sum whatever it holds.
+    embeddings = np.where(contributed[:, :, None], embeddings, 0.0)
     total = w.sum(axis=1, keepdims=True)  # [B,1]
     fused = np.einsum("bn,bnd->bd", w, embeddings) / np.maximum(total, _EPS)
     fused = np.where(total > 0, fused, 0.0).astype(np.float32)

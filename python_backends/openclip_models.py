@@ -32,7 +32,7 @@ def register_model_configs(extra: Path | None = None) -> None:
     """Make the shipped configs (and an optional user JSON config) known to open_clip."""
     import open_clip
 
-    if "mmfuse-tiny" not in open_clip.list_models():
+    if not {"mmfuse-tiny", "mmfuse-demo"} <= set(open_clip.list_models()):
         open_clip.add_model_config(SHIPPED_CONFIG_DIR)
     if extra is not None:
         if not extra.is_file():

@@ -149,6 +149,8 @@ class Params:
             raise self._bad(key, ",".join(items), "comma-separated numbers") from None
 
     def _check_range(self, key, value, number, minimum, maximum) -> None:
+        if number != number and (minimum is not None or maximum is not None):  # NaN compares false
+            raise self._bad(key, value, "a number, not NaN")
         if minimum is not None and number < minimum:
             raise self._bad(key, value, f">= {minimum}")
         if maximum is not None and number > maximum:
