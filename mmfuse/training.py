@@ -1,0 +1,305 @@
+"""Training fusion heads (and, for the demo, tiny open_clip encoders from scratch) on the shapes benchmark.
+
+Two modes, both seeded and with progress bars:
+
+* ``train_joint``: the demo's recipe. A tiny open_clip model (``mmfuse-demo``) is trained from
+  scratch together with an attention fusion head and a CLIP-style late-fusion similarity head, with
+  auxiliary per-patch colour/shape labels from the generator's ground truth, balanced batches, a
+  curriculum from attribute to relation negatives, and a warm-up + cosine learning-rate schedule.
+* ``train_head``: encoders frozen (loaded from a checkpoint); one strategy's head is trained on
+  features of generated data.
+
+Exports: the encoder checkpoint as safetensors, the head as a new version folder of a fusion model
+(``fusion_head.safetensors`` + ``fusion_head.json`` describing strategy, hyper-parameters, the
+command line, seed, time and measured accuracies).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from mmfuse import shapes
+from python_backends.encoders import encode_text
+from python_backends.openclip_models import register_model_configs
+from python_backends.strategies import FusionBatch, FusionStrategy, build
+
+MODALITIES = ("IMAGE", "TEXT")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+class Featurizer:
+    """Benchmark examples -> model inputs, exactly as the served preprocessing makes them."""
+
+    def __init__(self, model_name: str):
+        import open_clip
+
+        from python_backends.openclip_models import ClipSpec, preprocess_config
+
+        register_model_configs()
+        cfg = preprocess_config(ClipSpec(model_name))
+        if tuple(cfg.input_size) != (3, shapes.SIZE, shapes.SIZE) or cfg.resize_mode != "shortest":
+            raise ValueError(f"{model_name}: the benchmark needs a {shapes.SIZE}x{shapes.SIZE} model")
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self._tokens: dict[str, torch.Tensor] = {}
+
+    def pixels(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+        return (x - self.mean) / self.std
+
+    def tokens(self, captions: Sequence[str]) -> torch.Tensor:
+        missing = [c for c in set(captions) if c not in self._tokens]
+        if missing:
+            for c, t in zip(missing, self.tokenizer(missing)):
+                self._tokens[c] = t
+        return torch.stack([self._tokens[c] for c in captions])
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    labels: torch.Tensor  # float [B]
+    kinds: list[str]
+    colour_cells: torch.Tensor  # [B, g*g]
+    shape_cells: torch.Tensor
+
+
+def make_batch(examples: list[shapes.Example], featurizer: Featurizer, grid: int) -> Batch:
+    cells = [shapes.cell_labels(e.objects, grid) for e in examples]
+    return Batch(
+        pixels=featurizer.pixels(np.stack([e.image for e in examples])),
+        tokens=featurizer.tokens([e.caption for e in examples]),
+        labels=torch.tensor([e.label for e in examples], dtype=torch.float32),
+        kinds=[e.kind for e in examples],
+        colour_cells=torch.from_numpy(np.stack([c for c, _ in cells]).reshape(len(examples), -1)),
+        shape_cells=torch.from_numpy(np.stack([s for _, s in cells]).reshape(len(examples), -1)),
+    )
+
+
+def kind_weights(step: int, curriculum_steps: int) -> tuple[float, float, float]:
+    """Positives, swapped, attribute: attribute negatives first, relation negatives phased in."""
+    if step >= curriculum_steps:
+        return (0.5, 0.25, 0.25)
+    ramp = step / max(1, curriculum_steps)
+    return (0.5, 0.25 * ramp, 0.5 - 0.25 * ramp)
+
+
+# ---------------------------------------------------------------------------------------------
+# encoders
+# ---------------------------------------------------------------------------------------------
+class Encoders(nn.Module):
+    """The open_clip model's two towers, returning what the served encoders return."""
+
+    def __init__(self, clip: nn.Module):
+        super().__init__()
+        self.clip = clip
+        self.clip.visual.output_tokens = True
+
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor):
+        image_pooled, image_seq = self.clip.visual(pixels)
+        text_pooled, text_seq = encode_text(self.clip, tokens, trim=True)
+        length = text_seq.shape[1]
+        positions = torch.arange(length)[None, :]
+        text_valid = positions <= tokens[:, :length].argmax(dim=-1, keepdim=True)
+        image_valid = torch.ones(image_seq.shape[:2], dtype=torch.bool)
+        embeddings = torch.stack([F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1)], dim=1)
+        return embeddings, [image_seq, text_seq], [image_valid, text_valid]
+
+
+def create_clip(model_name: str, seed: int, checkpoint: Path | None = None) -> nn.Module:
+    import open_clip
+
+    register_model_configs()
+    torch.manual_seed(seed)
+    model = open_clip.create_model(model_name, pretrained=None)
+    if checkpoint is not None:
+        open_clip.load_checkpoint(model, str(checkpoint), strict=True, weights_only=True)
+    return model
+
+
+def token_widths(clip: nn.Module) -> tuple[int, int]:
+    return int(clip.visual.transformer.width), int(clip.transformer.width)
+
+
+def strategy_hparams(name: str, clip: nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    image_width, text_width = token_widths(clip)
+    image_tokens = int(clip.visual.grid_size[0] * clip.visual.grid_size[1])
+    defaults: dict[str, dict[str, Any]] = {
+        "late": {"gate": "fixed", "head": "similarity"},
+        "late-gmu": {"gate": "gmu", "head": "similarity"},
+        "early": {"hidden": 256, "layers": 2},
+        "hybrid": {"widths": [image_width, text_width], "dim": 96, "heads": 4, "layers": 2},
+        "attention": {"image_width": image_width, "text_width": text_width, "dim": 96, "heads": 4, "layers": 2,
+                      "image_tokens": image_tokens},
+        "attention-llava": {"image_width": image_width, "text_width": text_width, "dim": 96, "heads": 4,
+                            "layers": 2, "projector": "llava", "image_tokens": image_tokens},
+    }
+    if name not in defaults:
+        raise KeyError(f"unknown strategy preset {name!r}; known: {', '.join(defaults)}")
+    return {**defaults[name], **(overrides or {})}
+
+
+def build_preset(preset: str, clip: nn.Module, embed_dim: int) -> FusionStrategy:
+    return build(preset.split("-")[0], MODALITIES, embed_dim, **strategy_hparams(preset, clip))
+
+
+PRESETS = ("late", "late-gmu", "early", "hybrid", "attention", "attention-llava")
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    preset: str = "attention"
+    model_name: str = "mmfuse-demo"
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 200
+    curriculum_steps: int = 800
+    modality_dropout: float = 0.1
+    aux_weight: float = 0.5
+    seed: int = 0
+    threads: int = 0
+    eval_every: int = 500
+    eval_per_kind: int = 200
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def drop_modalities(rows: int, p: float, generator: torch.Generator) -> torch.Tensor:
+    """[B,2] presence mask; each modality dropped with probability p (independently)."""
+    if p <= 0:
+        return torch.ones(rows, 2, dtype=torch.bool)
+    return torch.rand(rows, 2, generator=generator) >= p
+
+
+def bce_with_dropout(logit: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A row missing a modality cannot be judged: its target is 0.5 (undecided)."""
+    target = torch.where(mask.all(dim=1), labels, torch.full_like(labels, 0.5))
+    return F.binary_cross_entropy_with_logits(logit, target)
+
+
+@torch.no_grad()
+def evaluate(encoders: Encoders, strategies: dict[str, FusionStrategy], featurizer: Featurizer, seed: int,
+             per_kind: int, drop: str | None = None, batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Accuracy per kind (score > 0.5 for positives, < 0.5 for negatives), per strategy."""
+    examples = shapes.balanced(per_kind, seed)
+    correct = {name: {k: 0 for k in shapes.KINDS} for name in strategies}
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        b = make_batch(chunk, featurizer, grid=1)
+        embeddings, seqs, seq_valid = encoders(b.pixels, b.tokens)
+        mask = torch.ones(len(chunk), 2, dtype=torch.bool)
+        if drop == "image":
+            mask[:, 0] = False
+        elif drop == "text":
+            mask[:, 1] = False
+        fb = FusionBatch(embeddings, mask, seqs, seq_valid)
+        for name, strategy in strategies.items():
+            score = torch.sigmoid(strategy(fb).logit)
+            for e, s in zip(chunk, score.tolist()):
+                correct[name][e.kind] += int((s > 0.5) == bool(e.label))
+    return {name: {k: v / per_kind for k, v in c.items()} for name, c in correct.items()}
+
+
+def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], None] | None = None):
+    """Encoders from scratch + the chosen head + the late similarity head + auxiliary cell losses."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    clip = create_clip(cfg.model_name, cfg.seed)
+    encoders = Encoders(clip)
+    embed_dim = int(clip.text_projection.shape[1])
+    heads = {cfg.preset: build_preset(cfg.preset, clip, embed_dim)}
+    if cfg.preset != "late":
+        heads["late"] = build_preset("late", clip, embed_dim)
+    image_width, _ = token_widths(clip)
+    grid = int(clip.visual.grid_size[0])
+    aux = nn.ModuleDict({"colour": nn.Linear(image_width, len(shapes.COLOUR_NAMES) + 1),
+                         "shape": nn.Linear(image_width, len(shapes.SHAPES) + 1)})
+    params = list(encoders.parameters()) + [p for h in heads.values() for p in h.parameters()] + list(aux.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    featurizer = Featurizer(cfg.model_name)
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    started = time.monotonic()
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        weights = kind_weights(step, cfg.curriculum_steps)
+        kinds = rng.choice(len(shapes.KINDS), size=cfg.batch_size, p=weights)
+        examples = [shapes.make_example(rng, shapes.KINDS[k]) for k in kinds]
+        b = make_batch(examples, featurizer, grid)
+        embeddings, seqs, seq_valid = encoders(b.pixels, b.tokens)
+        mask = drop_modalities(len(examples), cfg.modality_dropout, generator)
+        fb = FusionBatch(embeddings, mask, seqs, seq_valid)
+        losses = {name: bce_with_dropout(h(fb).logit, b.labels, mask) for name, h in heads.items()}
+        image_tokens = seqs[0]
+        losses["aux"] = cfg.aux_weight * (
+            F.cross_entropy(aux["colour"](image_tokens).flatten(0, 1), b.colour_cells.flatten())
+            + F.cross_entropy(aux["shape"](image_tokens).flatten(0, 1), b.shape_cells.flatten()))
+        loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        record = {k: float(v.detach()) for k, v in losses.items()}
+        if progress is not None:
+            progress(step, record)
+        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            encoders.eval()
+            for h in heads.values():
+                h.eval()
+            acc = evaluate(encoders, heads, featurizer, seed=cfg.seed + 10_000 + step, per_kind=cfg.eval_per_kind)
+            encoders.train()
+            for h in heads.values():
+                h.train()
+            history.append({"step": step + 1, "seconds": round(time.monotonic() - started, 1), "loss": record,
+                            "accuracy": acc})
+    for module in [encoders, *heads.values()]:
+        module.eval()
+    return clip, heads, history
+
+
+def export_checkpoint(clip: nn.Module, path: Path, half: bool = True) -> Path:
+    """open_clip state dict as safetensors (fp16 storage by default: loads into fp32 exactly as fp16 values)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in clip.state_dict().items():
+        v = v.detach().contiguous().cpu()
+        state[k] = v.half() if half and v.is_floating_point() else v
+    save_file(state, str(path))
+    return path
+
+
+def train_record(cfg: TrainConfig, command: str, seconds: float, history: list, results: dict) -> dict[str, Any]:
+    import platform
+
+    return {"training": {"command": command, "config": asdict(cfg), "seconds": round(seconds, 1),
+                         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
+                         "torch": torch.__version__, "history": history},
+            "evaluation": results}

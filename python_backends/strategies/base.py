@@ -1,0 +1,117 @@
+"""The strategy contract, the registry and head files (safetensors weights + JSON description)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+HEAD_WEIGHTS = "fusion_head.safetensors"
+HEAD_CONFIG = "fusion_head.json"
+
+
+@dataclass
+class FusionBatch:
+    embeddings: torch.Tensor  # [B, M, D] float
+    mask: torch.Tensor  # [B, M] bool: modality present
+    sequences: list[torch.Tensor | None] = field(default_factory=list)  # per modality [B, T, W]
+    sequence_masks: list[torch.Tensor | None] = field(default_factory=list)  # per modality [B, T] bool
+
+    @property
+    def rows(self) -> int:
+        return self.embeddings.shape[0]
+
+
+@dataclass
+class FusionOutput:
+    fused: torch.Tensor  # [B, F]
+    logit: torch.Tensor | None  # [B] match logit, where a task head exists
+    contributed: torch.Tensor  # [B, M] bool
+
+
+class FusionStrategy(nn.Module):
+    """Base class. Subclasses set ``name`` and ``needs_sequences`` and implement ``fuse``."""
+
+    name = "base"
+    needs_sequences = False
+
+    def __init__(self, modalities: tuple[str, ...], embed_dim: int, **hparams: Any):
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self.embed_dim = int(embed_dim)
+        self.hparams = dict(hparams)
+
+    @property
+    def has_head(self) -> bool:
+        return False
+
+    def fuse(self, batch: FusionBatch) -> FusionOutput:
+        raise NotImplementedError
+
+    def forward(self, batch: FusionBatch) -> FusionOutput:
+        out = self.fuse(batch)
+        nothing = ~batch.mask.any(dim=1)
+        fused = torch.where(nothing[:, None], torch.zeros_like(out.fused), out.fused)
+        logit = out.logit
+        if logit is not None:
+            logit = torch.where(nothing, torch.zeros_like(logit), logit)  # score 0.5: undecided
+        return FusionOutput(torch.nan_to_num(fused), logit, out.contributed & batch.mask)
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "modalities": list(self.modalities), "embed_dim": self.embed_dim,
+                "hparams": self.hparams}
+
+
+STRATEGIES: dict[str, type[FusionStrategy]] = {}
+
+
+def register(cls: type[FusionStrategy]) -> type[FusionStrategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def build(name: str, modalities: tuple[str, ...], embed_dim: int, **hparams: Any) -> FusionStrategy:
+    from . import attention, early, hybrid, late  # noqa: F401 - registration
+
+    if name not in STRATEGIES:
+        raise KeyError(f"unknown fusion strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[name](tuple(modalities), embed_dim, **hparams)
+
+
+def save_head(strategy: FusionStrategy, directory: Path, extra: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in strategy.state_dict().items()}
+    save_file(state, str(directory / HEAD_WEIGHTS))
+    (directory / HEAD_CONFIG).write_text(json.dumps({**strategy.describe(), **(extra or {})}, indent=2) + "\n")
+    return directory
+
+
+def load_head(directory: Path) -> tuple[FusionStrategy, dict[str, Any]]:
+    """A trained head: its JSON says which strategy and hyper-parameters; weights are safetensors only."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    description = json.loads((directory / HEAD_CONFIG).read_text())
+    strategy = build(description["strategy"], tuple(description["modalities"]), description["embed_dim"],
+                     **description.get("hparams", {}))
+    strategy.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=True)
+    strategy.eval()
+    return strategy, description
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1 of x [B,T,W] where mask [B,T]; zeros where nothing is valid."""
+    w = mask.to(x.dtype).unsqueeze(-1)
+    return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+
+def last_valid(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x[b, index of the last True in mask[b]] (index 0 where none)."""
+    idx = (mask.long().cumsum(1).argmax(1))
+    return x[torch.arange(x.shape[0], device=x.device), idx]
