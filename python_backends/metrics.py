@@ -69,7 +69,16 @@ KNOWN_HANDLERS = {
 
 
 def fusion_modalities(handler: Any) -> tuple[str, ...] | None:
+    """The modalities of a fusion handler, in MODALITY_MASK order; None for other handlers.
+
+    From ``handler.config.modalities`` when it has one, else from the N-modality contract itself:
+    the handler reads ``<M>_EMBEDDING`` for each modality M, in order.
+    """
     modalities = getattr(getattr(handler, "config", None), "modalities", None)
+    if not modalities:
+        suffix = "_EMBEDDING"
+        names = [getattr(spec, "name", "") for spec in getattr(handler, "inputs", ()) or ()]
+        modalities = [n[: -len(suffix)] for n in names if n.endswith(suffix) and len(n) > len(suffix)]
     return tuple(str(m).lower() for m in modalities) if modalities else None
 
 
