@@ -10,37 +10,26 @@
 ``None`` or an empty element means that modality is missing for that row. Every
 call has a deadline; failures raise MMFuseClientError subclasses that say which
 ensemble failed and why. Lists longer than ``max_batch`` are sent in chunks.
+
+It is a convenience layer over the generated clients (``clients/embed_image.py`` ...,
+written by ``mmfuse gen-clients``) sharing one gRPC channel: statuses decoded to
+``str``, ``valid`` flattened to ``[B]``. It does not retry (``retries=0``): an
+overloaded server's UNAVAILABLE reaches the caller at once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from python_backends.status import decode_statuses
 
-DEFAULT_URL = "127.0.0.1:8001"
-
-
-class MMFuseClientError(RuntimeError):
-    """A call to an ensemble failed. ``status`` is the gRPC status name."""
-
-    def __init__(self, message: str, status: str = ""):
-        super().__init__(message)
-        self.status = status
-
-
-class InvalidRequest(MMFuseClientError):
-    """INVALID_ARG: the request was malformed (the message names the tensor)."""
-
-
-class ServerUnavailable(MMFuseClientError):
-    """UNAVAILABLE: server down, model not ready, or queue full (overload): retry later."""
-
-
-class DeadlineExceeded(MMFuseClientError):
-    """The call did not finish within its deadline."""
+from ._runtime import DEFAULT_URL, ClientOptions, call, connect
+from .embed_image import EmbedImageClient
+from .embed_text import EmbedTextClient
+from .errors import DeadlineExceeded, InvalidRequest, MMFuseClientError, ServerUnavailable  # noqa: F401
+from .fuse_image_text import FuseImageTextClient
 
 
 @dataclass
@@ -57,35 +46,20 @@ class FuseResult:
     status: list[list[str]]  # per row: [image status, text status]
 
 
-def _as_bytes(item: bytes | str | None) -> bytes:
-    if item is None:
-        return b""
-    if isinstance(item, str):
-        return item.encode("utf-8")
-    return bytes(item)
-
-
-def _string_column(items: Sequence[bytes | str | None]) -> np.ndarray:
-    column = np.empty((len(items), 1), dtype=object)
-    for i, item in enumerate(items):
-        column[i, 0] = _as_bytes(item)
-    return column
-
-
-def _chunks(n: int, size: int) -> Iterable[slice]:
-    for start in range(0, n, size):
-        yield slice(start, min(n, start + size))
-
-
 class MMFuseClient:
     def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 30.0, max_batch: int = 64, **grpc_kwargs):
+        """``grpc_kwargs`` go to ``tritonclient.grpc.InferenceServerClient`` (``ssl``, ``root_certificates`` ...)."""
         import tritonclient.grpc as grpcclient
 
         self.url = url
         self.timeout_s = timeout_s
         self.max_batch = max_batch
-        self._grpc = grpcclient
-        self._client = grpcclient.InferenceServerClient(url=url, **grpc_kwargs)
+        self.options = ClientOptions(url=url, timeout_s=timeout_s, retries=0, max_batch=max_batch, progress=False)
+        self._client = (grpcclient.InferenceServerClient(url=url, **grpc_kwargs) if grpc_kwargs
+                        else connect(self.options))
+        self._embed_image = EmbedImageClient(options=self.options, connection=self._client)
+        self._embed_text = EmbedTextClient(options=self.options, connection=self._client)
+        self._fuse = FuseImageTextClient(options=self.options, connection=self._client)
 
     # -- plumbing ----------------------------------------------------------------------
     def close(self) -> None:
@@ -103,62 +77,24 @@ class MMFuseClient:
         except Exception:  # noqa: BLE001
             return False
 
-    def _error(self, ensemble: str, error: Exception) -> MMFuseClientError:
-        status = error.status() if hasattr(error, "status") and callable(error.status) else ""
-        status = (status or "").replace("StatusCode.", "")
-        message = error.message() if hasattr(error, "message") and callable(error.message) else str(error)
-        text = f"{ensemble} at {self.url} failed ({status or 'error'}): {message}"
-        if status == "INVALID_ARGUMENT":
-            return InvalidRequest(text, status)
-        if status == "UNAVAILABLE" or "Exceeds maximum queue size" in (message or ""):
-            return ServerUnavailable(text, status)
-        if status == "DEADLINE_EXCEEDED" or "Deadline Exceeded" in (message or ""):
-            return DeadlineExceeded(text, status)
-        return MMFuseClientError(text, status)
-
     def infer(self, ensemble: str, inputs: dict[str, np.ndarray], outputs: Sequence[str],
               timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        """One call: named [B, ...] arrays in, named arrays out."""
-        grpc = self._grpc
-        infer_inputs = []
-        for name, array in inputs.items():
-            datatype = "BYTES" if array.dtype == object else grpc.np_to_triton_dtype(array.dtype)
-            tensor = grpc.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            infer_inputs.append(tensor)
-        requested = [grpc.InferRequestedOutput(name) for name in outputs]
-        try:
-            result = self._client.infer(ensemble, infer_inputs, outputs=requested,
-                                        client_timeout=timeout_s or self.timeout_s)
-        except Exception as error:  # noqa: BLE001 - tritonclient raises InferenceServerException
-            raise self._error(ensemble, error) from error
-        return {name: result.as_numpy(name) for name in outputs}
-
-    def _batched(self, ensemble: str, columns: dict[str, Sequence], outputs: Sequence[str],
-                 timeout_s: float | None) -> dict[str, np.ndarray]:
-        n = len(next(iter(columns.values())))
-        if any(len(c) != n for c in columns.values()):
-            raise ValueError(f"{ensemble}: inputs have different lengths: "
-                             + ", ".join(f"{k}={len(v)}" for k, v in columns.items()))
-        if n == 0:
-            raise ValueError(f"{ensemble}: empty input list")
-        parts = [
-            self.infer(ensemble, {k: _string_column(v[s]) for k, v in columns.items()}, outputs, timeout_s)
-            for s in _chunks(n, self.max_batch)
-        ]
-        return {name: np.concatenate([p[name] for p in parts], axis=0) for name in outputs}
+        """One call, unchecked: named [B, ...] arrays in (the data type follows each array's dtype), named arrays out."""
+        return call(self._client, ensemble, inputs, list(outputs), self.options, timeout_s)
 
     # -- the three ensembles ---------------------------------------------------------------
+    @staticmethod
+    def _embed(response) -> EmbedResult:
+        return EmbedResult(response.embedding, response.valid.reshape(-1),
+                           [s[0] for s in decode_statuses(response.status)])
+
     def embed_image(self, images: Sequence[bytes | None], timeout_s: float | None = None) -> EmbedResult:
-        out = self._batched("embed_image", {"IMAGE": list(images)}, ("EMBEDDING", "VALID", "STATUS"), timeout_s)
-        return EmbedResult(out["EMBEDDING"], out["VALID"].reshape(-1), [s[0] for s in decode_statuses(out["STATUS"])])
+        return self._embed(self._embed_image.embed_image(list(images), timeout_s=timeout_s))
 
     def embed_text(self, texts: Sequence[str | bytes | None], timeout_s: float | None = None) -> EmbedResult:
-        out = self._batched("embed_text", {"TEXT": list(texts)}, ("EMBEDDING", "VALID", "STATUS"), timeout_s)
-        return EmbedResult(out["EMBEDDING"], out["VALID"].reshape(-1), [s[0] for s in decode_statuses(out["STATUS"])])
+        return self._embed(self._embed_text.embed_text(list(texts), timeout_s=timeout_s))
 
     def fuse_image_text(self, images: Sequence[bytes | None], texts: Sequence[str | bytes | None],
                         timeout_s: float | None = None) -> FuseResult:
-        out = self._batched("fuse_image_text", {"IMAGE": list(images), "TEXT": list(texts)},
-                            ("FUSED", "MODALITY_MASK", "MODALITY_STATUS"), timeout_s)
-        return FuseResult(out["FUSED"], out["MODALITY_MASK"].astype(bool), decode_statuses(out["MODALITY_STATUS"]))
+        out = self._fuse.fuse_image_text(list(images), list(texts), timeout_s=timeout_s)
+        return FuseResult(out.fused, out.modality_mask.astype(bool), decode_statuses(out.modality_status))
