@@ -1,0 +1,122 @@
+"""mmfuse bench-pipeline: sequential vs pipelined asyncio calls from one client, against a running server.
+
+Both runs send the same ``--requests`` requests of ``--batch`` rows through the generated clients: one after
+another on the sync client, then with ``--in-flight`` requests at once on the asyncio client (one channel,
+one event loop). Triton's dynamic batcher merges the concurrent requests, so the pipelined run keeps the
+server busy where the sequential one leaves it idle between round trips.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import sys
+import time
+
+import numpy as np
+
+from ._client_args import add_connection_args, client_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench-pipeline", help="measure sequential vs pipelined (asyncio) throughput of one client "
+                                              "against a running server and print the ratio")
+    p.add_argument("--ensemble", default="embed_text", help="which generated ensemble client (default embed_text)")
+    p.add_argument("--requests", type=int, default=128, help="requests per run (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="rows per request (default 1)")
+    p.add_argument("--in-flight", type=int, default=8, help="pipelined: requests in flight (default 8)")
+    p.add_argument("--warmup", type=int, default=8, help="requests before each run, not timed (default 8)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    add_connection_args(p)
+    p.set_defaults(func=run)
+
+
+def _sample_image() -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def sample_request(module, n: int):
+    """``n`` rows of plausible inputs for any generated ensemble: images for IMAGE-like BYTES inputs,
+    captions for other BYTES inputs, zeros (-1 dims as 1) for numeric ones."""
+    from clients._runtime import NUMPY_DTYPES
+
+    values = {}
+    for t in module.SPEC.inputs:
+        if t.datatype == "BYTES" and "IMAGE" in t.name.upper():
+            values[t.field] = [_sample_image()] * n
+        elif t.datatype == "BYTES":
+            values[t.field] = [f"a photo of object number {i}" for i in range(n)]
+        else:
+            dims = tuple(d if d > 0 else 1 for d in t.dims)
+            values[t.field] = np.zeros(((n,) if module.SPEC.batched else ()) + dims, NUMPY_DTYPES[t.datatype])
+    return values
+
+
+def measure(module, options, requests: int, batch: int, in_flight: int, warmup: int) -> dict:
+    from clients.ensembles import ASYNC_CLIENTS, CLIENTS
+
+    name = module.SPEC.name
+    request = CLIENTS[name].request_type(**sample_request(module, requests * batch))
+    warm = CLIENTS[name].request_type(**sample_request(module, max(1, warmup) * batch))
+
+    with CLIENTS[name](options=options) as client:
+        client.infer(warm, max_batch=batch, progress=False)
+        started = time.perf_counter()
+        sequential = client.infer(request, max_batch=batch, progress=False)
+        sequential_s = time.perf_counter() - started
+
+    async def pipelined_run():
+        async with ASYNC_CLIENTS[name](options=options) as client:
+            await client.infer(warm, max_batch=batch, max_in_flight=in_flight, progress=False)
+            started = time.perf_counter()
+            out = await client.infer(request, max_batch=batch, max_in_flight=in_flight, progress=False)
+            return out, time.perf_counter() - started
+
+    pipelined, pipelined_s = asyncio.run(pipelined_run())
+    first = module.SPEC.outputs[0]
+    a, b = getattr(sequential, first.field), getattr(pipelined, first.field)
+    same = bool(np.allclose(a, b, atol=1e-4)) if a.dtype != object else bool((a == b).all())
+    return {
+        "ensemble": name, "url": options.url, "requests": requests, "batch": batch, "in_flight": in_flight,
+        "sequential_s": sequential_s, "pipelined_s": pipelined_s,
+        "sequential_req_per_s": requests / sequential_s, "pipelined_req_per_s": requests / pipelined_s,
+        "ratio": sequential_s / pipelined_s, "same_results": same,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from clients import MMFuseClientError
+    from clients.ensembles import MODULES
+
+    if args.ensemble not in MODULES:
+        print(f"mmfuse bench-pipeline: no generated client for {args.ensemble!r}; have {', '.join(MODULES)}",
+              file=sys.stderr)
+        return 2
+    if min(args.requests, args.batch, args.in_flight) < 1 or args.warmup < 0:
+        print("mmfuse bench-pipeline: --requests, --batch, --in-flight must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        options = client_options(args, progress=False)
+        result = measure(MODULES[args.ensemble], options, args.requests, args.batch, args.in_flight, args.warmup)
+    except ValueError as error:
+        print(f"mmfuse bench-pipeline: {error}", file=sys.stderr)
+        return 2
+    except MMFuseClientError as error:
+        print(f"mmfuse bench-pipeline: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    r = result
+    print(f"{r['ensemble']} at {r['url']}: {r['requests']} requests of {r['batch']} row(s)")
+    print(f"sequential (sync, 1 in flight):       {r['sequential_s']:7.3f} s  {r['sequential_req_per_s']:8.1f} req/s")
+    print(f"pipelined (asyncio, {r['in_flight']:>2} in flight):   {r['pipelined_s']:7.3f} s  "
+          f"{r['pipelined_req_per_s']:8.1f} req/s")
+    print(f"ratio pipelined/sequential: {r['ratio']:.2f}x (same results: {'yes' if r['same_results'] else 'NO'})")
+    return 0

@@ -1,0 +1,47 @@
+"""mmfuse metadata [ENSEMBLE...] [--config]: server and ensemble metadata as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ._client_args import add_connection_args, client_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("metadata", help="server metadata and each ensemble's tensors (and config) as JSON")
+    p.add_argument("ensembles", nargs="*", metavar="ENSEMBLE", help="default: every generated ensemble")
+    p.add_argument("--config", action="store_true", help="include each model's config as the server has it")
+    add_connection_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tritonclient.utils import InferenceServerException
+
+    from clients._runtime import connect
+    from clients.ensembles import SPECS
+
+    try:
+        options = client_options(args)
+    except ValueError as error:
+        print(f"mmfuse metadata: {error}", file=sys.stderr)
+        return 2
+    names = args.ensembles or list(SPECS)
+    connection = connect(options)
+    try:
+        out = {"server": connection.get_server_metadata(as_json=True, client_timeout=options.timeout_s),
+               "models": {}}
+        for name in names:
+            entry = {"metadata": connection.get_model_metadata(name, as_json=True, client_timeout=options.timeout_s)}
+            if args.config:
+                entry["config"] = connection.get_model_config(name, as_json=True,
+                                                              client_timeout=options.timeout_s)["config"]
+            out["models"][name] = entry
+    except InferenceServerException as error:
+        print(f"mmfuse metadata: {options.url}: {error.status() or 'error'}: {error.message()}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    print(json.dumps(out, indent=2))
+    return 0
