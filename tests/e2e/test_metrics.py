@@ -137,3 +137,25 @@ def test_the_tabular_modality_is_monitored_too(server):
                     model="fusion_image_text_tabular") == {"text+tabular": 1, "text": 2}
     assert delta(after, before, "mmfuse_execute_rows_total", model="tabular_encoder", modality="tabular",
                  stage="encode") == 3
+
+
+def test_every_series_the_dashboard_and_autoscaler_query_is_on_the_metrics_port(server):
+    """The Grafana dashboard and the HPA's adapter rule query names the real server exports."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    exprs = [t["expr"] for p in json.loads((root / "deploy/grafana/dashboards/mmfuse.json").read_text())["panels"]
+             for t in p["targets"]]
+    adapter = [d for d in yaml.safe_load_all((root / "deploy/k8s/prometheus-adapter-rules.yaml").read_text())][0]
+    for rule in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]:
+        exprs += [rule["seriesQuery"], rule["metricsQuery"]]
+    wanted = {n for e in exprs for n in re.findall(r"\b((?:nv|mmfuse)_[a-z0-9_]+)\b", e)}
+    from clients import MMFuseClient
+
+    with MMFuseClient(server.grpc_url, timeout_s=60) as client:  # series appear with the first request
+        client.fuse_image_text([b""], ["a request"])
+    exported = {name for name, _ in scrape(server.metrics_url)}
+    assert wanted and wanted <= exported, sorted(wanted - exported)
