@@ -79,7 +79,7 @@ class FakeRequest:
         self.inputs = {k: FakeTensor(k, v) for k, v in arrays.items()}
 
     def requested_output_names(self) -> list[str]:
-        return []
+        return ["FUSED", "MODALITY_MASK", "MODALITY_STATUS"]  # what fuse_image_text asks of fusion
 
 
 class FakeResponse:
