@@ -28,7 +28,43 @@ def load_config(repository: Path, model: str) -> model_config_pb2.ModelConfig:
 
 
 def save_config(repository: Path, model: str, config: model_config_pb2.ModelConfig) -> None:
-    config_path(repository, model).write_text(text_format.MessageToString(config))
+    """Write config.pbtxt; the comment lines heading the old file are kept."""
+    path = config_path(repository, model)
+    header = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            header.append(line)
+    text = text_format.MessageToString(config)
+    path.write_text("\n".join(header + [text]) if header else text)
+
+
+def ensembles_using(repository: Path, model: str) -> list[str]:
+    """Ensembles with a step that runs ``model``."""
+    out = []
+    for name in models(repository):
+        config = load_config(repository, name)
+        if config.platform == "ensemble" and any(s.model_name == model for s in config.ensemble_scheduling.step):
+            out.append(name)
+    return out
+
+
+def set_output(repository: Path, ensemble: str, step_model: str, name: str, enabled: bool,
+               data_type: str = "TYPE_FP32", dims: tuple[int, ...] = (1,)) -> None:
+    """Expose (or stop exposing) a step's output ``name`` as an ensemble output of the same name."""
+    config = load_config(repository, ensemble)
+    outputs = [o for o in config.output if o.name != name]
+    del config.output[:]
+    config.output.extend(outputs)
+    for step in config.ensemble_scheduling.step:
+        if step.model_name == step_model:
+            step.output_map.pop(name, None)
+            if enabled:
+                step.output_map[name] = name
+    if enabled:
+        config.output.add(name=name, data_type=model_config_pb2.DataType.Value(data_type), dims=list(dims))
+    save_config(repository, ensemble, config)
 
 
 def models(repository: Path) -> list[str]:

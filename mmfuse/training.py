@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from mmfuse import shapes
+from mmfuse.presets import DEFAULTS, PRESETS  # noqa: F401 - PRESETS re-exported
 from python_backends.encoders import encode_text
 from python_backends.openclip_models import register_model_configs
 from python_backends.strategies import FusionBatch, FusionStrategy, build
@@ -74,10 +75,22 @@ class Batch:
     kinds: list[str]
     colour_cells: torch.Tensor  # [B, g*g]
     shape_cells: torch.Tensor
+    present: torch.Tensor  # [B, colours + shapes] multi-hot of what the image holds
+    referents: torch.Tensor  # [B, 2, 2] centres (x, y)/SIZE of the caption's subject and object
+    has_referents: torch.Tensor  # [B] bool: both named objects are in the image (positive, swapped)
 
 
 def make_batch(examples: list[shapes.Example], featurizer: Featurizer, grid: int) -> Batch:
     cells = [shapes.cell_labels(e.objects, grid) for e in examples]
+    n_colours = len(shapes.COLOUR_NAMES)
+    present = torch.zeros(len(examples), n_colours + len(shapes.SHAPES))
+    referents = torch.zeros(len(examples), 2, 2)
+    for i, e in enumerate(examples):
+        for obj in e.objects:
+            present[i, shapes.COLOUR_NAMES.index(obj.colour)] = 1
+            present[i, n_colours + shapes.SHAPES.index(obj.shape)] = 1
+        named = e.objects if e.kind == "positive" else e.objects[::-1]
+        referents[i] = torch.tensor([[o.cx / shapes.SIZE, o.cy / shapes.SIZE] for o in named])
     return Batch(
         pixels=featurizer.pixels(np.stack([e.image for e in examples])),
         tokens=featurizer.tokens([e.caption for e in examples]),
@@ -85,6 +98,9 @@ def make_batch(examples: list[shapes.Example], featurizer: Featurizer, grid: int
         kinds=[e.kind for e in examples],
         colour_cells=torch.from_numpy(np.stack([c for c, _ in cells]).reshape(len(examples), -1)),
         shape_cells=torch.from_numpy(np.stack([s for _, s in cells]).reshape(len(examples), -1)),
+        present=present,
+        referents=referents,
+        has_referents=torch.tensor([e.kind in ("positive", "swapped") for e in examples]),
     )
 
 
@@ -155,7 +171,6 @@ def build_preset(preset: str, clip: nn.Module, embed_dim: int) -> FusionStrategy
     return build(preset.split("-")[0], MODALITIES, embed_dim, **strategy_hparams(preset, clip))
 
 
-PRESETS = ("late", "late-gmu", "early", "hybrid", "attention", "attention-llava")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,20 +179,34 @@ PRESETS = ("late", "late-gmu", "early", "hybrid", "attention", "attention-llava"
 @dataclass
 class TrainConfig:
     preset: str = "attention"
-    model_name: str = "mmfuse-demo"
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 1e-3
+    model_name: str = DEFAULTS["model_name"]
+    steps: int = DEFAULTS["steps"]
+    batch_size: int = DEFAULTS["batch_size"]
+    lr: float = DEFAULTS["lr"]
     weight_decay: float = 0.01
     warmup: int = 200
-    curriculum_steps: int = 800
-    modality_dropout: float = 0.1
+    curriculum_steps: int = DEFAULTS["curriculum_steps"]
+    modality_dropout: float = DEFAULTS["modality_dropout"]
     aux_weight: float = 0.5
+    gate_lr_scale: float = 10.0
     seed: int = 0
     threads: int = 0
     eval_every: int = 500
     eval_per_kind: int = 200
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_optimizer(params: list, modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; the tanh gates of cross-attention start at 0 (identity) and get a larger step to open."""
+    gates = {id(p) for m in modules for name, p in m.named_parameters() if name.rsplit(".", 1)[-1].startswith("alpha_")}
+    groups = [{"params": [p for p in params if id(p) not in gates], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in gates], "lr_scale": cfg.gate_lr_scale, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -237,17 +266,19 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
     image_width, _ = token_widths(clip)
     grid = int(clip.visual.grid_size[0])
     aux = nn.ModuleDict({"colour": nn.Linear(image_width, len(shapes.COLOUR_NAMES) + 1),
-                         "shape": nn.Linear(image_width, len(shapes.SHAPES) + 1)})
+                         "shape": nn.Linear(image_width, len(shapes.SHAPES) + 1),
+                         "present": nn.Linear(embed_dim, len(shapes.COLOUR_NAMES) + len(shapes.SHAPES))})
+    if heads[cfg.preset].hparams.get("dim"):
+        aux["where"] = nn.Linear(heads[cfg.preset].hparams["dim"], 2)
     params = list(encoders.parameters()) + [p for h in heads.values() for p in h.parameters()] + list(aux.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, [encoders, *heads.values(), aux], cfg)
     featurizer = Featurizer(cfg.model_name)
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     history = []
     started = time.monotonic()
     for step in range(cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
+        set_lr(optimizer, lr_at(step, cfg))
         weights = kind_weights(step, cfg.curriculum_steps)
         kinds = rng.choice(len(shapes.KINDS), size=cfg.batch_size, p=weights)
         examples = [shapes.make_example(rng, shapes.KINDS[k]) for k in kinds]
@@ -255,11 +286,9 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
         embeddings, seqs, seq_valid = encoders(b.pixels, b.tokens)
         mask = drop_modalities(len(examples), cfg.modality_dropout, generator)
         fb = FusionBatch(embeddings, mask, seqs, seq_valid)
-        losses = {name: bce_with_dropout(h(fb).logit, b.labels, mask) for name, h in heads.items()}
-        image_tokens = seqs[0]
-        losses["aux"] = cfg.aux_weight * (
-            F.cross_entropy(aux["colour"](image_tokens).flatten(0, 1), b.colour_cells.flatten())
-            + F.cross_entropy(aux["shape"](image_tokens).flatten(0, 1), b.shape_cells.flatten()))
+        outputs = {name: h(fb) for name, h in heads.items()}
+        losses = {name: bce_with_dropout(out.logit, b.labels, mask) for name, out in outputs.items()}
+        losses.update(auxiliary_losses(cfg, aux, b, embeddings, seqs[0], outputs[cfg.preset], mask))
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -283,6 +312,39 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
     return clip, heads, history
 
 
+def auxiliary_losses(cfg: TrainConfig, aux: nn.ModuleDict, b: Batch, embeddings: torch.Tensor,
+                     image_tokens: torch.Tensor, out, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Losses from the generator's ground truth that lift the encoders and the binding off the plateau.
+
+    * cells: every image patch names the colour and shape covering it;
+    * present: the pooled image embedding names the colours and shapes in the image;
+    * contrastive: pooled image and caption embeddings of positives align (CLIP's InfoNCE);
+    * where: after cross-attention, the subject's and the object's noun tokens know where those
+      objects are (their centres), which is what a relation needs.
+    """
+    losses = {
+        "cells": cfg.aux_weight * (
+            F.cross_entropy(aux["colour"](image_tokens).flatten(0, 1), b.colour_cells.flatten())
+            + F.cross_entropy(aux["shape"](image_tokens).flatten(0, 1), b.shape_cells.flatten())),
+        "present": cfg.aux_weight * F.binary_cross_entropy_with_logits(aux["present"](embeddings[:, 0]), b.present),
+    }
+    positives = torch.tensor([k == "positive" for k in b.kinds])
+    if positives.sum() > 1:
+        img, txt = embeddings[positives, 0], embeddings[positives, 1]
+        logits = 10.0 * img @ txt.T
+        target = torch.arange(len(img))
+        losses["contrastive"] = cfg.aux_weight * 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    usable = b.has_referents & mask.all(dim=1)
+    if "where" in aux and out.tokens is not None and usable.any():
+        eot = b.tokens.argmax(dim=-1)
+        rows = torch.arange(len(eot))
+        subject = out.tokens[rows, torch.full_like(eot, 3)]  # [SOT, a, colour, SHAPE, ...]
+        obj = out.tokens[rows, eot - 1]  # [..., a, colour, SHAPE, EOT]
+        predicted = torch.stack([aux["where"](subject), aux["where"](obj)], dim=1)
+        losses["where"] = cfg.aux_weight * 4.0 * F.mse_loss(predicted[usable], b.referents[usable])
+    return losses
+
+
 def export_checkpoint(clip: nn.Module, path: Path, half: bool = True) -> Path:
     """open_clip state dict as safetensors (fp16 storage by default: loads into fp32 exactly as fp16 values)."""
     from safetensors.torch import save_file
@@ -303,3 +365,58 @@ def train_record(cfg: TrainConfig, command: str, seconds: float, history: list, 
                          "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",
                          "torch": torch.__version__, "history": history},
             "evaluation": results}
+
+
+def round_to_half(clip: nn.Module) -> None:
+    """Round the weights to fp16 values in place: the in-process model then equals the exported one."""
+    with torch.no_grad():
+        for p in clip.state_dict().values():
+            if p.is_floating_point():
+                p.copy_(p.half().float())
+
+
+def train_head(cfg: TrainConfig, clip: nn.Module,
+               progress: Callable[[int, dict[str, float]], None] | None = None):
+    """One strategy's head on frozen encoders (features of freshly generated data every step)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    encoders = Encoders(clip).eval()
+    encoders.requires_grad_(False)
+    embed_dim = int(clip.text_projection.shape[1])
+    head = build_preset(cfg.preset, clip, embed_dim)
+    optimizer = make_optimizer(list(head.parameters()), [head], cfg)
+    featurizer = Featurizer(cfg.model_name)
+    rng = np.random.default_rng(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    grid = int(clip.visual.grid_size[0])
+    for step in range(cfg.steps):
+        set_lr(optimizer, lr_at(step, cfg))
+        kinds = rng.choice(len(shapes.KINDS), size=cfg.batch_size, p=kind_weights(step, cfg.curriculum_steps))
+        b = make_batch([shapes.make_example(rng, shapes.KINDS[k]) for k in kinds], featurizer, grid)
+        with torch.no_grad():
+            embeddings, seqs, seq_valid = encoders(b.pixels, b.tokens)
+        mask = drop_modalities(len(kinds), cfg.modality_dropout, generator)
+        loss = bce_with_dropout(head(FusionBatch(embeddings, mask, seqs, seq_valid)).logit, b.labels, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if progress is not None:
+            progress(step, {"loss": float(loss.detach())})
+    return head.eval()
+
+
+def full_evaluation(clip: nn.Module, heads: dict[str, FusionStrategy], model_name: str, seed: int,
+                    per_kind: int) -> dict[str, dict[str, float]]:
+    """Per head: accuracy per kind, and balanced accuracy with the image or the text removed."""
+    encoders = Encoders(clip).eval()
+    featurizer = Featurizer(model_name)
+    results = {name: {} for name in heads}
+    for drop in (None, "image", "text"):
+        acc = evaluate(encoders, heads, featurizer, seed, per_kind, drop=drop)
+        for name, by_kind in acc.items():
+            if drop is None:
+                results[name].update(by_kind)
+            else:
+                results[name][f"no_{drop}"] = 0.5 * by_kind["positive"] + 0.25 * (by_kind["swapped"] + by_kind["attribute"])
+    return results

@@ -1,28 +1,38 @@
-"""Fusion of per-modality embeddings: plain numpy, no Triton.
+"""The fusion model's handler: N modalities in, one representation (and a match score) out. No Triton.
 
-The contract is N modalities. For modality ``M`` (upper case, from the
-``modalities`` parameter) the fusion model reads ``M_EMBEDDING`` [B,D],
-``M_VALID`` [B,1] and, optionally, ``M_STATUS`` [B,1]; it writes
+The contract is N modalities. For modality ``M`` (upper case, from the ``modalities``
+parameter) the fusion model reads ``M_EMBEDDING`` [B,D], ``M_VALID`` [B,1] and, optionally,
+``M_STATUS`` [B,1], ``M_SEQUENCE`` [B,T,W] and ``M_SEQUENCE_MASK`` [B,T] (token-level
+strategies); it writes
 
 * ``FUSED`` [B,D]: the fused representation (zeros when nothing contributed),
 * ``MODALITY_MASK`` [B,N]: which modalities contributed to each row,
-* ``MODALITY_STATUS`` [B,N]: why a modality did or did not (ok, missing, ...).
+* ``MODALITY_STATUS`` [B,N]: why a modality did or did not (ok, missing, ...),
+* ``SCORE`` [B,1]: the match probability, where the strategy has a trained task head
+  (0.5 when nothing is present).
 
-Adding a modality is a config edit (a new encoder, the ensemble, this list), not
-a code change. Each row is computed from that row alone.
+Adding a modality is a config edit (a new encoder, the ensemble, this list), not a code change.
+Each row is computed from that row alone. The strategies live in python_backends/strategies/.
 
 Parameters (config.pbtxt):
 
-==========  ==========================================================================
-strategy    ``late`` (masked weighted mean of the embeddings)
-modalities  comma-separated modality names, in MODALITY_MASK order (default image,text)
-weights     one non-negative weight per modality (default: all 1)
-normalize   L2-normalise FUSED (default true)
-==========  ==========================================================================
+=================  =====================================================================
+strategy           late | early | hybrid | attention
+modalities         comma-separated modality names, in MODALITY_MASK order (default image,text)
+weights            late, no head: one non-negative weight per modality (default: all 1)
+normalize          late, no head: L2-normalise FUSED (default true)
+head_dir           a trained head (``mmfuse train``): folder with fusion_head.json and
+                   fusion_head.safetensors, relative to the served version folder ("." = it)
+allow_random_init  learned strategies without a head get seeded random weights (tests only)
+seed               seed of that random init
+strategy_options   JSON hyper-parameters for a random-init strategy (must include embed_dim)
+=================  =====================================================================
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -65,11 +75,15 @@ class FusionConfig:
     modalities: tuple[str, ...]
     weights: tuple[float, ...]
     normalize: bool = True
+    head_dir: Path | None = None
+    allow_random_init: bool = False
+    seed: int = 0
+    options: str = "{}"  # JSON hyper-parameters of an untrained (random-init) strategy
 
-    STRATEGIES = ("late",)
+    STRATEGIES = ("late", "early", "hybrid", "attention")
 
     @classmethod
-    def from_params(cls, params: Params) -> "FusionConfig":
+    def from_params(cls, params: Params, context: ModelContext | None = None) -> "FusionConfig":
         strategy = params.choice("strategy", "late", cls.STRATEGIES)
         modalities = tuple(m.upper() for m in params.list("modalities", ("image", "text")))
         if len(set(modalities)) != len(modalities):
@@ -82,15 +96,59 @@ class FusionConfig:
             )
         if any(w < 0 or not np.isfinite(w) for w in weights):
             raise ConfigError(f"model '{params.model_name}': parameter 'weights' must be finite and >= 0: {weights}")
-        return cls(strategy, modalities, weights, params.bool("normalize", True))
+        head = params.str("head_dir", "")
+        head_dir = None
+        if head:
+            base = context.version_dir if context is not None else Path.cwd()
+            head_dir = (base / head).resolve() if not Path(head).is_absolute() else Path(head)
+        options = params.str("strategy_options", "{}") or "{}"
+        try:
+            json.loads(options)
+        except ValueError:
+            raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' is not JSON: {options!r}") from None
+        return cls(strategy, modalities, weights, params.bool("normalize", True), head_dir,
+                   params.bool("allow_random_init", False), params.int("seed", 0, minimum=0), options)
+
+
+def load_strategy(config: FusionConfig, model_name: str = "fusion"):
+    """The torch module of a configured strategy, or None for plain late fusion (numpy, fixed weights)."""
+    import torch
+
+    from .strategies import build, load_head
+    from .strategies.base import HEAD_CONFIG
+
+    if config.head_dir is not None:
+        if not (config.head_dir / HEAD_CONFIG).is_file():
+            raise ConfigError(f"model '{model_name}': head_dir {config.head_dir} has no {HEAD_CONFIG}")
+        module, description = load_head(config.head_dir)
+        if description["strategy"] != config.strategy:
+            raise ConfigError(f"model '{model_name}': head in {config.head_dir} is a {description['strategy']!r} "
+                              f"head but parameter 'strategy' is {config.strategy!r}")
+        if tuple(module.modalities) != config.modalities:
+            raise ConfigError(f"model '{model_name}': head modalities {module.modalities} != parameter "
+                              f"'modalities' {config.modalities}")
+        return module
+    if config.strategy == "late" and not config.allow_random_init:
+        return None  # fixed weights: plain numpy
+    if not config.allow_random_init:
+        raise ConfigError(
+            f"model '{model_name}': strategy {config.strategy!r} has learned weights: set 'head_dir' to a head "
+            "exported by `mmfuse train`, or 'allow_random_init' to 'true' (tests only)")
+    options = json.loads(config.options)
+    embed_dim = options.pop("embed_dim", None)
+    if embed_dim is None:
+        raise ConfigError(f"model '{model_name}': random-init strategy needs 'embed_dim' in strategy_options")
+    torch.manual_seed(config.seed)
+    return build(config.strategy, config.modalities, int(embed_dim), **options).eval()
 
 
 class FusionHandler:
-    """Handler of the fusion model."""
+    """Handler of the fusion models: N modalities in, FUSED, MODALITY_MASK, MODALITY_STATUS (+ SCORE) out."""
 
     def __init__(self, config: FusionConfig, model_name: str = "fusion"):
         self.config = config
         self.model_name = model_name
+        self.module = load_strategy(config, model_name)
         self.inputs = tuple(
             spec
             for m in config.modalities
@@ -98,12 +156,18 @@ class FusionHandler:
                 TensorSpec(f"{m}_EMBEDDING", "f", row_rank=1),
                 TensorSpec(f"{m}_VALID", "b"),
                 TensorSpec(f"{m}_STATUS", "O", optional=True),
+                TensorSpec(f"{m}_SEQUENCE", "f", optional=True, row_rank=2),
+                TensorSpec(f"{m}_SEQUENCE_MASK", "b", optional=True, row_rank=1),
             )
         )
 
+    @property
+    def has_score(self) -> bool:
+        return self.module is not None and self.module.has_head
+
     @classmethod
     def from_parameters(cls, context: ModelContext, params: Params) -> "FusionHandler":
-        return cls(FusionConfig.from_params(params), context.model_name)
+        return cls(FusionConfig.from_params(params, context), context.model_name)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         names = self.config.modalities
@@ -112,12 +176,20 @@ class FusionHandler:
         if len(dims) != 1:
             shapes = ", ".join(f"{m}_EMBEDDING {list(e.shape)}" for m, e in zip(names, embeddings))
             raise InvalidInputError(f"model '{self.model_name}': embedding sizes differ: {shapes}")
+        if "SCORE" in requested and not self.has_score:
+            raise InvalidInputError(f"model '{self.model_name}': output SCORE requested but strategy "
+                                    f"{self.config.strategy!r} has no task head (set head_dir)")
         rows = embeddings[0].shape[0]
         valid = np.stack([batch[f"{m}_VALID"].reshape(rows) for m in names], axis=1)
         stacked = np.stack(embeddings, axis=1)
         # A non-finite embedding must not poison the fused vector: treat it as absent.
         finite = np.isfinite(stacked).all(axis=2)
-        fused, contributed = late_fusion(stacked, valid & finite, self.config.weights, self.config.normalize)
+        present = valid & finite
+        out = {}
+        if self.module is None:
+            out["FUSED"], out["MODALITY_MASK"] = late_fusion(stacked, present, self.config.weights, self.config.normalize)
+        else:
+            out.update(self._run_module(batch, np.where(present[:, :, None], stacked, 0.0), present))
         statuses = []
         for m, is_valid in zip(names, valid.T):
             given = column_bytes(batch[f"{m}_STATUS"]) if f"{m}_STATUS" in batch else None
@@ -128,4 +200,34 @@ class FusionHandler:
         status_rows = [[statuses[j][i] for j in range(len(names))] for i in range(rows)]
         for i, j in zip(*np.nonzero(valid & ~finite)):
             status_rows[i][j] = "non_finite"
-        return {"FUSED": fused, "MODALITY_MASK": contributed, "MODALITY_STATUS": join(status_rows)}
+        out["MODALITY_STATUS"] = join(status_rows)
+        return out
+
+    def _run_module(self, batch, embeddings: np.ndarray, present: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        from .strategies import FusionBatch
+
+        rows = embeddings.shape[0]
+        sequences, masks = [], []
+        for m in self.config.modalities:
+            seq = batch.get(f"{m}_SEQUENCE")
+            if seq is None:
+                if self.module.needs_sequences:
+                    raise InvalidInputError(f"model '{self.model_name}': strategy {self.config.strategy!r} needs "
+                                            f"input tensor '{m}_SEQUENCE'")
+                sequences.append(None)
+                masks.append(None)
+                continue
+            seq = np.nan_to_num(np.asarray(seq, dtype=np.float32))
+            mask = batch.get(f"{m}_SEQUENCE_MASK")
+            mask = np.ones(seq.shape[:2], dtype=bool) if mask is None else mask.astype(bool)
+            sequences.append(torch.from_numpy(seq))
+            masks.append(torch.from_numpy(mask))
+        with torch.inference_mode():
+            result = self.module(FusionBatch(torch.from_numpy(embeddings.astype(np.float32)),
+                                             torch.from_numpy(present), sequences, masks))
+        out = {"FUSED": result.fused.float().numpy(), "MODALITY_MASK": result.contributed.numpy()}
+        if result.logit is not None:
+            out["SCORE"] = torch.sigmoid(result.logit.float()).numpy().reshape(rows, 1)
+        return out

@@ -31,6 +31,7 @@ class ModelContext:
     model_dir: Path  # <repository>/<model name>
     instance_kind: str = "CPU"  # CPU | GPU | MODEL
     device_id: int = 0
+    version: int = 1
 
     @classmethod
     def from_triton_args(cls, args: Mapping[str, str]) -> "ModelContext":
@@ -44,7 +45,12 @@ class ModelContext:
             model_dir=model_dir,
             instance_kind=kind,
             device_id=int(args.get("model_instance_device_id", 0) or 0),
+            version=int(args.get("model_version", 1) or 1),
         )
+
+    @property
+    def version_dir(self) -> Path:
+        return self.model_dir / str(self.version)
 
     @property
     def torch_device(self) -> str:

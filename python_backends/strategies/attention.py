@@ -60,11 +60,13 @@ class AttentionFusion(FusionStrategy):
         text_valid = text_valid.clone()
         text_valid[no_text, 0] = True
         if self.hparams["projector"] == "llava":
+            images = kv.shape[1]
             x = torch.cat([kv, x], dim=1)
             valid = torch.cat([image_valid, text_valid], dim=1)
             for block in self.self_attn:
                 x = block(x, valid)
             pooled = last_valid(x, valid)
+            x = x[:, images:]
         else:
             for cross, block in zip(self.xattn, self.self_attn):
                 x = cross(x, kv, image_valid)
@@ -72,4 +74,4 @@ class AttentionFusion(FusionStrategy):
             pooled = last_valid(x, text_valid)
         pooled = self.ln(pooled)
         logit = self.head(pooled).squeeze(-1) if self.head is not None else None
-        return FusionOutput(F.normalize(self.out(pooled), dim=-1), logit, batch.mask.clone())
+        return FusionOutput(F.normalize(self.out(pooled), dim=-1), logit, batch.mask.clone(), x)

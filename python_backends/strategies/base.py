@@ -30,6 +30,7 @@ class FusionOutput:
     fused: torch.Tensor  # [B, F]
     logit: torch.Tensor | None  # [B] match logit, where a task head exists
     contributed: torch.Tensor  # [B, M] bool
+    tokens: torch.Tensor | None = None  # token-level strategies: the final text-stream states [B, L, dim]
 
 
 class FusionStrategy(nn.Module):
@@ -58,7 +59,7 @@ class FusionStrategy(nn.Module):
         logit = out.logit
         if logit is not None:
             logit = torch.where(nothing, torch.zeros_like(logit), logit)  # score 0.5: undecided
-        return FusionOutput(torch.nan_to_num(fused), logit, out.contributed & batch.mask)
+        return FusionOutput(torch.nan_to_num(fused), logit, out.contributed & batch.mask, out.tokens)
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "modalities": list(self.modalities), "embed_dim": self.embed_dim,

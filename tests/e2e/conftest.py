@@ -50,11 +50,24 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
+def tiny_repository(target: Path, checkpoint: Path) -> Path:
+    """The shipped repository with the tiny architecture on a test checkpoint and plain late fusion."""
+    from mmfuse.export import OPEN_CLIP_MODELS, set_fusion_head
+
+    repo = copy_repository(DEFAULT_MODEL_REPOSITORY, target)
+    for model in OPEN_CLIP_MODELS:
+        values = {"model_name": "mmfuse-tiny", "pretrained": str(checkpoint)}
+        if model.endswith("encoder"):
+            values["allow_random_init"] = "false"
+        set_parameters(repo, model, values)
+    set_parameters(repo, "fusion", {"weights": "0.5,0.5", "normalize": "true"})
+    set_fusion_head(repo, "fusion", "late", "", has_head=False)
+    return repo
+
+
 @pytest.fixture(scope="session")
 def e2e_repository(tmp_path_factory, checkpoint) -> Path:
-    repo = copy_repository(DEFAULT_MODEL_REPOSITORY, tmp_path_factory.mktemp("e2e") / "model_repository")
-    for model in ("image_encoder", "text_encoder"):
-        set_parameters(repo, model, {"pretrained": str(checkpoint), "allow_random_init": "false"})
+    repo = tiny_repository(tmp_path_factory.mktemp("e2e") / "model_repository", checkpoint)
     set_parameters(repo, "image_preprocess", {"max_image_bytes": str(MAX_IMAGE_BYTES)})
     set_parameters(repo, "text_preprocess", {"max_text_chars": str(MAX_TEXT_CHARS)})
     return repo

@@ -132,7 +132,7 @@ def test_config_parses_repository_style_values():
     ({"modalities": "image,text,audio", "weights": "1,1"}, ("fusion", "weights", "2 values", "3 modalities")),
     ({"weights": "1,-0.5"}, ("fusion", "weights", "-0.5")),
     ({"weights": "1,nan"}, ("fusion", "weights", "nan")),
-    ({"strategy": "early"}, ("fusion", "strategy", "'early'", "late")),
+    ({"strategy": "magic"}, ("fusion", "strategy", "'magic'", "late")),
     ({"modalities": "image,text,IMAGE"}, ("fusion", "modalities", "IMAGE")),
 ])
 def test_config_errors(raw, fragments):
@@ -165,7 +165,9 @@ def test_handler_declares_the_n_modality_contract():
     names = [(spec.name, spec.optional) for spec in handler.inputs]
     assert names == [
         ("IMAGE_EMBEDDING", False), ("IMAGE_VALID", False), ("IMAGE_STATUS", True),
+        ("IMAGE_SEQUENCE", True), ("IMAGE_SEQUENCE_MASK", True),
         ("TEXT_EMBEDDING", False), ("TEXT_VALID", False), ("TEXT_STATUS", True),
+        ("TEXT_SEQUENCE", True), ("TEXT_SEQUENCE_MASK", True),
     ]
 
 

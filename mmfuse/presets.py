@@ -1,0 +1,4 @@
+"""Names and defaults shared by `mmfuse train` and mmfuse.training (light: no torch import)."""
+PRESETS = ("late", "late-gmu", "early", "hybrid", "attention", "attention-llava")
+DEFAULTS = {"model_name": "mmfuse-demo", "steps": 3000, "batch_size": 64, "lr": 2e-3, "seed": 0,
+            "modality_dropout": 0.1, "curriculum_steps": 600}
