@@ -180,3 +180,19 @@ def test_encoder_precision_and_batching_change_live(live_server, repo, image):
 
 def _fusion_step(ensemble):
     return [s for s in ensemble.ensemble_scheduling.step if s.model_name == "fusion"][0]
+
+
+def test_a_third_modality_is_loaded_live_without_touching_the_fusion_code(live_server):
+    import tritonclient.grpc as grpcclient
+
+    names = ("tabular_encoder", "fusion_image_text_tabular", "fuse_image_text_tabular")
+    with grpcclient.InferenceServerClient(live_server.grpc_url) as client:
+        assert not client.is_model_ready("fuse_image_text_tabular")
+    out = reconfigure(live_server, *names)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "fuse_image_text_tabular (not loaded)" in out.stdout
+    assert "probe 'fuse_image_text_tabular': ok" in out.stdout
+    with grpcclient.InferenceServerClient(live_server.grpc_url) as client:
+        assert all(client.is_model_ready(n) for n in names)
+        config = client.get_model_config("fusion_image_text_tabular").config
+        assert parameters(config)["modalities"] == "image,text,tabular"
