@@ -123,7 +123,7 @@ def test_health_metadata_and_ensembles(server, capsys):
 
     assert mmfuse(["ensembles", "--url", server.grpc_url, "--json"]) == 0
     listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
-    assert set(listed) == set(CLIENTS), "ensembles only, every one of them"
+    assert set(listed) == set(CLIENTS), "ensembles only, each with its generated client (else: mmfuse gen-clients)"
     assert listed["embed_image"]["client"] == "clients/embed_image.py"
     assert all(row["client"].startswith("clients/") for row in listed.values()), "no generated client is stale"
 
@@ -137,8 +137,9 @@ def test_bench_pipeline_measures_both_runs_and_the_ratio(server, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["same_results"] is True
     assert result["ratio"] == pytest.approx(result["sequential_s"] / result["pipelined_s"])
-    # Observed here: 3x to 8x (2 shared cores). A pipelined run slower than the sequential one means it is broken.
-    assert result["ratio"] > 1.2, result
+    # Observed here: 1.8x to 70x on 2 shared cores (README). Slower than sequential means broken; the mechanism
+    # itself is checked deterministically in test_generated_clients.py (server statistics).
+    assert result["ratio"] > 1.0, result
     assert mmfuse(["bench-pipeline", "--url", server.grpc_url, "--ensemble", "fuse_image_text", "--requests", "4",
                    "--batch", "2", "--in-flight", "2", "--warmup", "1"]) == 0
     printed = capsys.readouterr().out

@@ -87,6 +87,7 @@ def test_every_shipped_ensemble_has_a_generated_module_and_only_ensembles_do():
 def test_generation_is_deterministic_and_regenerating_changes_nothing(tmp_path):
     assert codegen.render(MODEL_REPOSITORY) == codegen.render(MODEL_REPOSITORY)
     out = clients_copy(tmp_path)
+    codegen.sync(MODEL_REPOSITORY, out)
     before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.py")}
     assert mmfuse(["gen-clients", "--model-repository", str(MODEL_REPOSITORY), "--out", str(out)]) == 0
     after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.py")}
@@ -143,14 +144,18 @@ def test_a_new_ensemble_folder_gets_its_client_with_no_hand_edits(tmp_path, caps
 
 def test_check_shows_what_changed_when_a_config_changes(tmp_path, capsys):
     repo = copy_repository(MODEL_REPOSITORY, tmp_path / "model_repository")
+    out = clients_copy(tmp_path)
+    codegen.sync(repo, out)
     config = load_config(repo, "embed_text")
     config.output[1].name = "IS_VALID"
     save_config(repo, "embed_text", config)
-    assert mmfuse(["gen-clients", "--model-repository", str(repo), "--out", str(CLIENTS), "--check"]) == 1
+    before = {p.name: p.read_bytes() for p in out.glob("*.py")}
+    assert mmfuse(["gen-clients", "--model-repository", str(repo), "--out", str(out), "--check"]) == 1
     captured = capsys.readouterr()
+    assert '-        TensorSpec("VALID", "BOOL", (1,), "valid"),' in captured.out
     assert '+        TensorSpec("IS_VALID", "BOOL", (1,), "is_valid"),' in captured.out
-    assert "run `mmfuse gen-clients`" in captured.err
-    assert codegen.sync(MODEL_REPOSITORY, CLIENTS, check=True).stale is False  # --check wrote nothing
+    assert "embed_text.py" in captured.err and "run `mmfuse gen-clients`" in captured.err
+    assert {p.name: p.read_bytes() for p in out.glob("*.py")} == before, "--check writes nothing"
 
 
 def test_a_hand_written_file_is_never_overwritten(tmp_path):
