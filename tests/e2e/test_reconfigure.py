@@ -196,3 +196,15 @@ def test_a_third_modality_is_loaded_live_without_touching_the_fusion_code(live_s
         assert all(client.is_model_ready(n) for n in names)
         config = client.get_model_config("fusion_image_text_tabular").config
         assert parameters(config)["modalities"] == "image,text,tabular"
+
+
+def test_a_server_without_explicit_model_control_is_named_as_the_cause(server, e2e_repository, tmp_path):
+    """The session server runs in the default mode ('none'): the command says how to start it."""
+    repo = copy_repository(e2e_repository, tmp_path / "model_repository")
+    set_parameters(repo, "fusion", {"weights": "1,0"})
+    out = subprocess.run(
+        [sys.executable, "-m", "mmfuse.cli", "reconfigure", "--model-repository", str(repo), "--url", server.grpc_url,
+         "fusion"], capture_output=True, text=True, timeout=200)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "--model-control-mode=explicit" in out.stderr
+    assert served_parameters(server, "fusion")["weights"] != "1,0"
