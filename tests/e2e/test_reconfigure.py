@@ -208,3 +208,23 @@ def test_a_server_without_explicit_model_control_is_named_as_the_cause(server, e
     assert out.returncode == 1, out.stdout + out.stderr
     assert "--model-control-mode=explicit" in out.stderr
     assert served_parameters(server, "fusion")["weights"] != "1,0"
+
+
+def test_switching_the_fusion_strategy_live(live_server, repo, image):
+    """late -> early (seeded random weights: no trained head needed) by a config edit; a typo is refused."""
+    before = fuse(live_server, image)
+    early = {"strategy": "early", "allow_random_init": "true", "seed": "3",
+             "strategy_options": '{"embed_dim": 64, "hiden": 32}'}
+    set_parameters(repo, "fusion", early)
+    out = reconfigure(live_server)
+    assert out.returncode == 2 and "hiden" in out.stderr, out.stdout + out.stderr
+
+    set_parameters(repo, "fusion", {"strategy_options": '{"embed_dim": 64, "hidden": 32}'})
+    out = reconfigure(live_server)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert '+    string_value: "early"' in out.stdout and "FUSED changed" in out.stdout
+    assert served_parameters(live_server, "fusion")["strategy"] == "early"
+    after = fuse(live_server, image)
+    assert cosine(after.fused[0], before.fused[0]) < 0.99  # another function of the same embeddings
+    np.testing.assert_allclose(np.linalg.norm(after.fused, axis=1), 1.0, rtol=1e-4)
+    assert after.mask.tolist() == before.mask.tolist() and after.status == before.status
