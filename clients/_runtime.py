@@ -270,7 +270,8 @@ def call(connection, ensemble: str, arrays: Mapping[str, np.ndarray], outputs: S
     while True:
         attempts += 1
         try:
-            result = connection.infer(ensemble, inputs, outputs=requested, client_timeout=timeout_s or options.timeout_s,
+            result = connection.infer(ensemble, inputs, outputs=requested,
+                                      client_timeout=timeout_s or options.timeout_s,
                                       headers=dict(options.headers) if options.headers else None,
                                       compression_algorithm=options.compression)
             return {name: result.as_numpy(name) for name in outputs}
@@ -417,8 +418,11 @@ class EnsembleClient(_ClientBase[Req, Resp]):
               max_batch: int | None = None) -> Resp:
         """Send ``request``; rows beyond ``max_batch_size`` go in further requests, one after another."""
         arrays, n = encode_inputs(self.spec, self._columns(request))
-        call_ = lambda part: call(self.connection, self.spec.name, part, self.output_names, self.options,  # noqa: E731
-                                  timeout_s, self.datatypes)
+
+        def call_(part: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return call(self.connection, self.spec.name, part, self.output_names, self.options, timeout_s,
+                        self.datatypes)
+
         if not self.spec.batched:
             return self._response(call_(arrays))
         slices = batch_slices(n, self._batch_size(max_batch))

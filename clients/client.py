@@ -79,7 +79,7 @@ class MMFuseClient:
 
     def infer(self, ensemble: str, inputs: dict[str, np.ndarray], outputs: Sequence[str],
               timeout_s: float | None = None) -> dict[str, np.ndarray]:
-        """One call, unchecked: named [B, ...] arrays in (the data type follows each array's dtype), named arrays out."""
+        """One call, unchecked: named [B, ...] arrays in (data type from each array's dtype), named arrays out."""
         return call(self._client, ensemble, inputs, list(outputs), self.options, timeout_s)
 
     # -- the three ensembles ---------------------------------------------------------------

@@ -51,7 +51,7 @@ class EmbedImageResponse:
 
 
 class EmbedImageClient(EnsembleClient[EmbedImageRequest, EmbedImageResponse]):
-    """Sync client (tritonclient.grpc): ``embed_image(...)`` or ``infer(EmbedImageRequest(...))``."""
+    """Sync client (tritonclient.grpc): ``embed_image(...)``, or ``infer()`` with a ``EmbedImageRequest``."""
 
     spec = SPEC
     request_type = EmbedImageRequest
@@ -64,7 +64,8 @@ class EmbedImageClient(EnsembleClient[EmbedImageRequest, EmbedImageResponse]):
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> EmbedImageResponse:
-        return self.infer(EmbedImageRequest(image=image), timeout_s=timeout_s, progress=progress)
+        request = EmbedImageRequest(image=image)
+        return self.infer(request, timeout_s=timeout_s, progress=progress)
 
 
 class AsyncEmbedImageClient(AsyncEnsembleClient[EmbedImageRequest, EmbedImageResponse]):
@@ -81,4 +82,5 @@ class AsyncEmbedImageClient(AsyncEnsembleClient[EmbedImageRequest, EmbedImageRes
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> EmbedImageResponse:
-        return await self.infer(EmbedImageRequest(image=image), timeout_s=timeout_s, progress=progress)
+        request = EmbedImageRequest(image=image)
+        return await self.infer(request, timeout_s=timeout_s, progress=progress)

@@ -51,7 +51,7 @@ class EmbedTextResponse:
 
 
 class EmbedTextClient(EnsembleClient[EmbedTextRequest, EmbedTextResponse]):
-    """Sync client (tritonclient.grpc): ``embed_text(...)`` or ``infer(EmbedTextRequest(...))``."""
+    """Sync client (tritonclient.grpc): ``embed_text(...)``, or ``infer()`` with a ``EmbedTextRequest``."""
 
     spec = SPEC
     request_type = EmbedTextRequest
@@ -64,7 +64,8 @@ class EmbedTextClient(EnsembleClient[EmbedTextRequest, EmbedTextResponse]):
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> EmbedTextResponse:
-        return self.infer(EmbedTextRequest(text=text), timeout_s=timeout_s, progress=progress)
+        request = EmbedTextRequest(text=text)
+        return self.infer(request, timeout_s=timeout_s, progress=progress)
 
 
 class AsyncEmbedTextClient(AsyncEnsembleClient[EmbedTextRequest, EmbedTextResponse]):
@@ -81,4 +82,5 @@ class AsyncEmbedTextClient(AsyncEnsembleClient[EmbedTextRequest, EmbedTextRespon
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> EmbedTextResponse:
-        return await self.infer(EmbedTextRequest(text=text), timeout_s=timeout_s, progress=progress)
+        request = EmbedTextRequest(text=text)
+        return await self.infer(request, timeout_s=timeout_s, progress=progress)

@@ -4,24 +4,28 @@ from __future__ import annotations
 
 from . import embed_image
 from . import embed_text
+from . import fuse_embeddings
 from . import fuse_image_text
 from . import fuse_image_text_tabular
 
 MODULES = {
     "embed_image": embed_image,
     "embed_text": embed_text,
+    "fuse_embeddings": fuse_embeddings,
     "fuse_image_text": fuse_image_text,
     "fuse_image_text_tabular": fuse_image_text_tabular,
 }
 CLIENTS = {
     "embed_image": embed_image.EmbedImageClient,
     "embed_text": embed_text.EmbedTextClient,
+    "fuse_embeddings": fuse_embeddings.FuseEmbeddingsClient,
     "fuse_image_text": fuse_image_text.FuseImageTextClient,
     "fuse_image_text_tabular": fuse_image_text_tabular.FuseImageTextTabularClient,
 }
 ASYNC_CLIENTS = {
     "embed_image": embed_image.AsyncEmbedImageClient,
     "embed_text": embed_text.AsyncEmbedTextClient,
+    "fuse_embeddings": fuse_embeddings.AsyncFuseEmbeddingsClient,
     "fuse_image_text": fuse_image_text.AsyncFuseImageTextClient,
     "fuse_image_text_tabular": fuse_image_text_tabular.AsyncFuseImageTextTabularClient,
 }

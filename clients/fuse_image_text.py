@@ -54,7 +54,7 @@ class FuseImageTextResponse:
 
 
 class FuseImageTextClient(EnsembleClient[FuseImageTextRequest, FuseImageTextResponse]):
-    """Sync client (tritonclient.grpc): ``fuse_image_text(...)`` or ``infer(FuseImageTextRequest(...))``."""
+    """Sync client (tritonclient.grpc): ``fuse_image_text(...)``, or ``infer()`` with a ``FuseImageTextRequest``."""
 
     spec = SPEC
     request_type = FuseImageTextRequest
@@ -68,7 +68,8 @@ class FuseImageTextClient(EnsembleClient[FuseImageTextRequest, FuseImageTextResp
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> FuseImageTextResponse:
-        return self.infer(FuseImageTextRequest(image=image, text=text), timeout_s=timeout_s, progress=progress)
+        request = FuseImageTextRequest(image=image, text=text)
+        return self.infer(request, timeout_s=timeout_s, progress=progress)
 
 
 class AsyncFuseImageTextClient(AsyncEnsembleClient[FuseImageTextRequest, FuseImageTextResponse]):
@@ -86,4 +87,5 @@ class AsyncFuseImageTextClient(AsyncEnsembleClient[FuseImageTextRequest, FuseIma
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> FuseImageTextResponse:
-        return await self.infer(FuseImageTextRequest(image=image, text=text), timeout_s=timeout_s, progress=progress)
+        request = FuseImageTextRequest(image=image, text=text)
+        return await self.infer(request, timeout_s=timeout_s, progress=progress)

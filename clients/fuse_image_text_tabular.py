@@ -57,7 +57,7 @@ class FuseImageTextTabularResponse:
 
 
 class FuseImageTextTabularClient(EnsembleClient[FuseImageTextTabularRequest, FuseImageTextTabularResponse]):
-    """Sync client (tritonclient.grpc): ``fuse_image_text_tabular(...)`` or ``infer(FuseImageTextTabularRequest(...))``."""
+    """Sync client (tritonclient.grpc): ``fuse_image_text_tabular(...)``, or ``infer()`` with a ``FuseImageTextTabularRequest``."""
 
     spec = SPEC
     request_type = FuseImageTextTabularRequest
@@ -72,7 +72,8 @@ class FuseImageTextTabularClient(EnsembleClient[FuseImageTextTabularRequest, Fus
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> FuseImageTextTabularResponse:
-        return self.infer(FuseImageTextTabularRequest(image=image, text=text, features=features), timeout_s=timeout_s, progress=progress)
+        request = FuseImageTextTabularRequest(image=image, text=text, features=features)
+        return self.infer(request, timeout_s=timeout_s, progress=progress)
 
 
 class AsyncFuseImageTextTabularClient(AsyncEnsembleClient[FuseImageTextTabularRequest, FuseImageTextTabularResponse]):
@@ -91,4 +92,5 @@ class AsyncFuseImageTextTabularClient(AsyncEnsembleClient[FuseImageTextTabularRe
         timeout_s: float | None = None,
         progress: Any = None,
     ) -> FuseImageTextTabularResponse:
-        return await self.infer(FuseImageTextTabularRequest(image=image, text=text, features=features), timeout_s=timeout_s, progress=progress)
+        request = FuseImageTextTabularRequest(image=image, text=text, features=features)
+        return await self.infer(request, timeout_s=timeout_s, progress=progress)

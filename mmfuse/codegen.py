@@ -199,6 +199,8 @@ def render_module(e: Ensemble) -> str:
     params = "".join(f"        {t.field}: {_input_type(t)}" + (" | None = None" if t.optional else "") + ",\n"
                      for t in inputs)
     args = ", ".join(f"{t.field}={t.field}" for t in inputs)
+    if len(f"        request = {e.prefix}Request({args})") > 100:  # one argument per line
+        args = "".join(f"\n            {t.field}={t.field}," for t in inputs) + "\n        "
     types = sorted({_input_type(t) for t in inputs})
     imports = ", ".join(sorted(types + ["AsyncEnsembleClient", "EnsembleClient", "EnsembleSpec", "TensorSpec"]))
     call_params = "        *,\n        timeout_s: float | None = None,\n        progress: Any = None,\n"
@@ -250,7 +252,7 @@ class {p}Response:
 
 
 class {p}Client(EnsembleClient[{p}Request, {p}Response]):
-    """Sync client (tritonclient.grpc): ``{e.method}(...)`` or ``infer({p}Request(...))``."""
+    """Sync client (tritonclient.grpc): ``{e.method}(...)``, or ``infer()`` with a ``{p}Request``."""
 
     spec = SPEC
     request_type = {p}Request
@@ -259,7 +261,8 @@ class {p}Client(EnsembleClient[{p}Request, {p}Response]):
     def {e.method}(
         self,
 {params}{call_params}    ) -> {p}Response:
-        return self.infer({p}Request({args}), timeout_s=timeout_s, progress=progress)
+        request = {p}Request({args})
+        return self.infer(request, timeout_s=timeout_s, progress=progress)
 
 
 class Async{p}Client(AsyncEnsembleClient[{p}Request, {p}Response]):
@@ -272,7 +275,8 @@ class Async{p}Client(AsyncEnsembleClient[{p}Request, {p}Response]):
     async def {e.method}(
         self,
 {params}{call_params}    ) -> {p}Response:
-        return await self.infer({p}Request({args}), timeout_s=timeout_s, progress=progress)
+        request = {p}Request({args})
+        return await self.infer(request, timeout_s=timeout_s, progress=progress)
 '''
 
 
