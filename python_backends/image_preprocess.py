@@ -13,6 +13,12 @@ max_image_pixels     width*height limit, checked from the header before decoding
                      (default 40,000,000): decompression bombs -> ``too_large``
 decode_threads       images decoded in parallel per batch (default 2; PIL frees the GIL)
 ===================  ================================================================
+
+``max_image_pixels`` also bounds the image *after* the resize to the model's input: a thin strip
+(1 x 40000 pixels, a few hundred bytes) would otherwise be resized to 64 x 2,560,000 pixels (or
+224 x 8,960,000 for ViT-B-32) before the centre crop -> ``too_large``, decided from the header.
+Only the formats in ``DECODED_FORMATS`` are decoded; anything else (PostScript/EPS, which Pillow
+would hand to Ghostscript, PDF, SVG, PSD, ...) is ``undecodable``.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ from .status import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_ar
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+# Pillow formats that are decoded (JPEG includes the multi-picture JPEGs, MPO, that phone cameras write).
+DECODED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
@@ -63,8 +71,22 @@ def _to_8bit_rgb(image):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()):
-    """Bytes -> an RGB PIL image (first frame, EXIF orientation applied). Raises ImageRejected."""
+def resized_pixels(width: int, height: int, size, resize_mode: str = "shortest") -> float:
+    """Pixels of a width x height image after open_clip's inference resize to ``size`` (before the crop)."""
+    target_h, target_w = (size, size) if isinstance(size, int) else tuple(size)[-2:]
+    if resize_mode == "squash":
+        return float(target_h * target_w)
+    scales = (target_h / height, target_w / width)
+    scale = min(scales) if resize_mode == "longest" else max(scales)
+    return width * height * scale * scale
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), resize_to=None, resize_mode: str = "shortest"):
+    """Bytes -> an RGB PIL image (first frame, EXIF orientation applied). Raises ImageRejected.
+
+    With ``resize_to`` (the transform's size), an image whose resize would exceed ``max_image_pixels``
+    is rejected from its header, before any pixel is decoded.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -74,13 +96,19 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            Image.init()  # registers every plugin (once); open() with formats= does not
+            image = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise ImageRejected(UNDECODABLE, f"image size {width}x{height}")
             if width * height > limits.max_image_pixels:
                 raise ImageRejected(
                     TOO_LARGE, f"{width}x{height} pixels > max_image_pixels {limits.max_image_pixels}"
+                )
+            if resize_to is not None and resized_pixels(width, height, resize_to, resize_mode) > limits.max_image_pixels:
+                raise ImageRejected(
+                    TOO_LARGE, f"{width}x{height} pixels would be resized to more than max_image_pixels "
+                               f"{limits.max_image_pixels} (aspect ratio)"
                 )
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)
@@ -122,7 +150,7 @@ class ImagePreprocessor:
 
     def preprocess_one(self, data: bytes) -> tuple[np.ndarray | None, str]:
         try:
-            image = decode_image(data, self.limits)
+            image = decode_image(data, self.limits, self.cfg.size, self.cfg.resize_mode)
             return self.transform(image).numpy(), OK
         except ImageRejected as rejected:
             return None, rejected.status

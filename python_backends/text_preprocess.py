@@ -7,6 +7,11 @@ max_text_chars  longer texts are masked with status ``too_large`` (default 4096)
                 texts within the limit are tokenized and cut at the model's context
                 length, exactly as open_clip's tokenizer does
 ==============  ===================================================================
+
+open_clip's SimpleTokenizer memoises the BPE of every distinct word it has seen, without bound:
+random words (about 160 bytes of cache each, 30,000 in one 64-row request of 4096-character
+texts) would grow the process for ever. The cache is reset, to the special tokens it starts
+with, once it holds ``MAX_TOKENIZER_CACHE`` entries.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .serving import TensorSpec
 from .status import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_array
 
 DEFAULT_MAX_TEXT_CHARS = 4096
+MAX_TOKENIZER_CACHE = 100_000  # entries (~16 MB)
 
 
 def check_text(data: bytes, max_chars: int) -> tuple[str | None, str]:
@@ -45,6 +51,8 @@ class TextPreprocessor:
         self.max_text_chars = max_text_chars
         self.tokenizer = load_tokenizer(spec)
         self.context_length = int(self.tokenizer.context_length)
+        cache = getattr(self.tokenizer, "cache", None)
+        self._cache_seed = dict(cache) if isinstance(cache, dict) else None
 
     @classmethod
     def from_parameters(cls, context: ModelContext, params: Params) -> "TextPreprocessor":
@@ -58,4 +66,11 @@ class TextPreprocessor:
         index = [i for i, (text, _) in enumerate(rows) if text is not None]
         if index:
             tokens[index] = self.tokenizer([rows[i][0] for i in index]).numpy()
+            self._bound_tokenizer_cache()
         return {"TOKENS": tokens, "VALID": valid, "STATUS": status_array([status for _, status in rows])}
+
+    def _bound_tokenizer_cache(self) -> None:
+        cache = getattr(self.tokenizer, "cache", None)
+        if self._cache_seed is not None and isinstance(cache, dict) and len(cache) > MAX_TOKENIZER_CACHE:
+            cache.clear()
+            cache.update(self._cache_seed)
