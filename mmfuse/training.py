@@ -78,6 +78,9 @@ class Batch:
     present: torch.Tensor  # [B, colours + shapes] multi-hot of what the image holds
     referents: torch.Tensor  # [B, 2, 2] centres (x, y)/SIZE of the caption's subject and object
     has_referents: torch.Tensor  # [B] bool: both named objects are in the image (positive, swapped)
+    named_colours: torch.Tensor  # [B, 2] colour index the caption gives its subject and object
+    named_shapes: torch.Tensor  # [B, 2]
+    named_exist: torch.Tensor  # [B, 2] float: the subject / object the caption names is in the image
 
 
 def make_batch(examples: list[shapes.Example], featurizer: Featurizer, grid: int) -> Batch:
@@ -101,7 +104,17 @@ def make_batch(examples: list[shapes.Example], featurizer: Featurizer, grid: int
         present=present,
         referents=referents,
         has_referents=torch.tensor([e.kind in ("positive", "swapped") for e in examples]),
+        named_colours=torch.tensor([[shapes.COLOUR_NAMES.index(w) for w in _named(e.caption, 1)] for e in examples]),
+        named_shapes=torch.tensor([[shapes.SHAPES.index(w) for w in _named(e.caption, 2)] for e in examples]),
+        named_exist=torch.tensor([[float(any(o.colour == c and o.shape == sh for o in e.objects))
+                                   for c, sh in zip(_named(e.caption, 1), _named(e.caption, 2))] for e in examples]),
     )
+
+
+def _named(caption: str, position: int) -> tuple[str, str]:
+    """Word ``position`` of the subject and of the object phrase ("a {colour} {shape}")."""
+    words = caption.split()
+    return words[position], words[-3 + position]
 
 
 def kind_weights(step: int, curriculum_steps: int) -> tuple[float, float, float]:
@@ -268,8 +281,13 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
     aux = nn.ModuleDict({"colour": nn.Linear(image_width, len(shapes.COLOUR_NAMES) + 1),
                          "shape": nn.Linear(image_width, len(shapes.SHAPES) + 1),
                          "present": nn.Linear(embed_dim, len(shapes.COLOUR_NAMES) + len(shapes.SHAPES))})
+    _, text_width = token_widths(clip)
+    aux["named_colour"] = nn.Linear(text_width, len(shapes.COLOUR_NAMES))
+    aux["named_shape"] = nn.Linear(text_width, len(shapes.SHAPES))
     if heads[cfg.preset].hparams.get("dim"):
         aux["where"] = nn.Linear(heads[cfg.preset].hparams["dim"], 2)
+        aux["exists"] = nn.Linear(heads[cfg.preset].hparams["dim"], 1)
+        aux["delta"] = nn.Linear(heads[cfg.preset].hparams["dim"], 2)
     params = list(encoders.parameters()) + [p for h in heads.values() for p in h.parameters()] + list(aux.parameters())
     optimizer = make_optimizer(params, [encoders, *heads.values(), aux], cfg)
     featurizer = Featurizer(cfg.model_name)
@@ -288,7 +306,7 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
         fb = FusionBatch(embeddings, mask, seqs, seq_valid)
         outputs = {name: h(fb) for name, h in heads.items()}
         losses = {name: bce_with_dropout(out.logit, b.labels, mask) for name, out in outputs.items()}
-        losses.update(auxiliary_losses(cfg, aux, b, embeddings, seqs[0], outputs[cfg.preset], mask))
+        losses.update(auxiliary_losses(cfg, aux, b, embeddings, seqs, outputs[cfg.preset], mask, heads[cfg.preset]))
         loss = sum(losses.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,16 +331,27 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
 
 
 def auxiliary_losses(cfg: TrainConfig, aux: nn.ModuleDict, b: Batch, embeddings: torch.Tensor,
-                     image_tokens: torch.Tensor, out, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+                     sequences: list[torch.Tensor], out, mask: torch.Tensor, head: nn.Module) -> dict[str, torch.Tensor]:
     """Losses from the generator's ground truth that lift the encoders and the binding off the plateau.
 
     * cells: every image patch names the colour and shape covering it;
+    * named: the caption's two noun tokens name the colour and shape the caption gives them;
     * present: the pooled image embedding names the colours and shapes in the image;
     * contrastive: pooled image and caption embeddings of positives align (CLIP's InfoNCE);
     * where: after cross-attention, the subject's and the object's noun tokens know where those
-      objects are (their centres), which is what a relation needs.
+      objects are (their centres), which is what a relation needs;
+    * exists / delta: the noun tokens know whether their object is in the image, and the EOT token
+      (where the score is read) knows the subject-object offset.
     """
+    image_tokens, text_tokens = sequences
+    eot = b.tokens.argmax(dim=-1)
+    rows = torch.arange(len(eot))
+    nouns = torch.stack([torch.full_like(eot, 3), eot - 1], dim=1)  # [SOT, a, colour, SHAPE, ..., SHAPE, EOT]
+    noun_states = text_tokens[rows[:, None], nouns]  # [B, 2, W]
     losses = {
+        "named": cfg.aux_weight * (
+            F.cross_entropy(aux["named_colour"](noun_states).flatten(0, 1), b.named_colours.flatten())
+            + F.cross_entropy(aux["named_shape"](noun_states).flatten(0, 1), b.named_shapes.flatten())),
         "cells": cfg.aux_weight * (
             F.cross_entropy(aux["colour"](image_tokens).flatten(0, 1), b.colour_cells.flatten())
             + F.cross_entropy(aux["shape"](image_tokens).flatten(0, 1), b.shape_cells.flatten())),
@@ -336,12 +365,30 @@ def auxiliary_losses(cfg: TrainConfig, aux: nn.ModuleDict, b: Batch, embeddings:
         losses["contrastive"] = cfg.aux_weight * 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
     usable = b.has_referents & mask.all(dim=1)
     if "where" in aux and out.tokens is not None and usable.any():
-        eot = b.tokens.argmax(dim=-1)
-        rows = torch.arange(len(eot))
-        subject = out.tokens[rows, torch.full_like(eot, 3)]  # [SOT, a, colour, SHAPE, ...]
-        obj = out.tokens[rows, eot - 1]  # [..., a, colour, SHAPE, EOT]
-        predicted = torch.stack([aux["where"](subject), aux["where"](obj)], dim=1)
-        losses["where"] = cfg.aux_weight * 4.0 * F.mse_loss(predicted[usable], b.referents[usable])
+        reads = [out.tokens]
+        if getattr(head, "xattn", None):
+            # What the first cross-attention read, before its gate: a direct signal for the binding
+            # even while the tanh gates are still closed (they start at 0).
+            reads.append(head.xattn[0].last_read)
+        total = 0.0
+        for states in reads:
+            subject = states[rows, torch.full_like(eot, 3)]  # [SOT, a, colour, SHAPE, ...]
+            obj = states[rows, eot - 1]  # [..., a, colour, SHAPE, EOT]
+            predicted = torch.stack([aux["where"](subject), aux["where"](obj)], dim=1)
+            total = total + F.mse_loss(predicted[usable], b.referents[usable])
+        losses["where"] = cfg.aux_weight * 4.0 * total
+    if "exists" in aux and out.tokens is not None:
+        # The decision's parts, read where the decision is made: whether each named object is in
+        # the image (attribute negatives), and the subject-object offset (relations), at EOT.
+        both = mask.all(dim=1)
+        final = out.tokens
+        named = torch.stack([final[rows, torch.full_like(eot, 3)], final[rows, eot - 1]], dim=1)
+        exists = aux["exists"](named).squeeze(-1)
+        losses["exists"] = cfg.aux_weight * F.binary_cross_entropy_with_logits(exists[both], b.named_exist[both])
+        if usable.any():
+            delta = aux["delta"](final[rows, eot])
+            target = b.referents[:, 0] - b.referents[:, 1]
+            losses["delta"] = cfg.aux_weight * 4.0 * F.mse_loss(delta[usable], target[usable])
     return losses
 
 

@@ -165,6 +165,10 @@ class FusionHandler:
     def has_score(self) -> bool:
         return self.module is not None and self.module.has_head
 
+    @property
+    def optional_outputs(self) -> tuple[str, ...]:
+        return () if self.has_score else ("SCORE",)
+
     @classmethod
     def from_parameters(cls, context: ModelContext, params: Params) -> "FusionHandler":
         return cls(FusionConfig.from_params(params, context), context.model_name)

@@ -129,6 +129,8 @@ class TritonAdapter:
             out["name"]: pb.triton_string_to_numpy(out["data_type"]) for out in config.get("output", [])
         }
         self.output_names = frozenset(self.output_dtypes)
+        # Outputs the handler gives only in some configurations (e.g. SCORE without a task head).
+        self.optional_outputs = frozenset(getattr(self.handler, "optional_outputs", ()))
         # Metrics hook (python_backends/metrics.py): per-modality series on Triton's metrics port.
         self.metrics = ModelMetrics.create(pb, self.model_name, self.handler)
         log.info("mmfuse model '%s' ready (%s)", self.model_name, type(self.handler).__name__)
@@ -154,8 +156,8 @@ class TritonAdapter:
 
     def _requested(self, request) -> frozenset[str]:
         names = frozenset(request.requested_output_names() or ())
-        # An empty list means "all outputs" (direct calls that name none).
-        return (names & self.output_names) or self.output_names
+        # An empty list means "all outputs" (direct calls that name none): all the handler can give.
+        return (names & self.output_names) or (self.output_names - self.optional_outputs)
 
     def _run(self, inputs: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         handler_started = time.perf_counter()
