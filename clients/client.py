@@ -44,6 +44,7 @@ class FuseResult:
     fused: np.ndarray  # float32 [B, D]
     mask: np.ndarray  # bool [B, 2]: image, text contributed
     status: list[list[str]]  # per row: [image status, text status]
+    score: np.ndarray | None = None  # float32 [B] match probability, where the fusion has a task head
 
 
 class MMFuseClient:
@@ -97,4 +98,6 @@ class MMFuseClient:
     def fuse_image_text(self, images: Sequence[bytes | None], texts: Sequence[str | bytes | None],
                         timeout_s: float | None = None) -> FuseResult:
         out = self._fuse.fuse_image_text(list(images), list(texts), timeout_s=timeout_s)
-        return FuseResult(out.fused, out.modality_mask.astype(bool), decode_statuses(out.modality_status))
+        score = getattr(out, "score", None)
+        return FuseResult(out.fused, out.modality_mask.astype(bool), decode_statuses(out.modality_status),
+                          None if score is None else np.asarray(score, dtype=np.float32).reshape(-1))

@@ -48,5 +48,6 @@ class GatedCrossAttention(nn.Module):
         pad = ~(kv_valid | ~has_kv[:, None])
         keep = has_kv[:, None, None].to(x.dtype)
         a = self.attn(self.ln_q(x), kv, kv, key_padding_mask=pad, need_weights=False)[0]
+        self.last_read = a  # what the text read from the image, before the gate (training losses use it)
         x = x + torch.tanh(self.alpha_attn) * a * keep
         return x + torch.tanh(self.alpha_ff) * self.ff(self.ln_ff(x)) * keep
