@@ -45,6 +45,7 @@ def test_demo_prints_fused_results_from_a_real_server():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Server ready" in out.stdout
-    assert "corrupt JPEG bytes" in out.stdout and "undecodable,ok" in out.stdout
+    assert "garbage bytes" in out.stdout and "undecodable,ok" in out.stdout
+    assert "truncated PNG" in out.stdout
     assert "(no image)" in out.stdout and "missing,ok" in out.stdout
     assert "Server stopped (exit code 0)" in out.stdout
