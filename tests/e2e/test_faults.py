@@ -28,7 +28,7 @@ import tritonclient.grpc as grpcclient
 
 from mmfuse.repository import copy_repository
 from mmfuse.server import is_ready
-from tests.corpus import clean_jpeg
+from tests.corpus import POISONS_TRITON_2_51, all_request_cases, clean_jpeg
 from tests.e2e import process_info
 from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire
@@ -241,12 +241,16 @@ def test_a_killed_model_process_under_load(fault_server, wire, clean):
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "Triton 2.51 ensemble bug: when one branch of a multi-branch ensemble fails while the other branch is "
-    "still running, the ensemble request is never released (one leaked in-flight inference per failed "
+    "Triton 2.51 ensemble bug: when one branch of a multi-branch ensemble fails (a step error, a full queue, "
+    "a malformed BYTES element) while the other branch is still running, the ensemble request is never "
+    "released (one leaked in-flight inference per failed "
     "request; measured: RSS growth, later requests rejected with a bogus 'unexpected number of string "
     "elements', and under overload a SIGSEGV). Single-branch ensembles are not affected."))
 def test_a_failing_branch_of_fuse_image_text_leaks_nothing(fault_server, fault_repository, wire):
-    """Runs last: it stops the server to read Triton's count of in-flight inferences."""
+    """Runs last: it stops the server to read Triton's count of in-flight inferences.
+
+    Three requests through a raising image encoder, and the corpus requests in POISONS_TRITON_2_51.
+    """
     fault(fault_repository, "image_encoder", **{"raise": True})
     for _ in range(3):
         try:
@@ -256,6 +260,14 @@ def test_a_failing_branch_of_fuse_image_text_leaks_nothing(fault_server, fault_r
             if error.code() != grpc.StatusCode.INTERNAL or "injected fault" not in error.details():
                 pytest.fail(f"unexpected error: {error.code()} {error.details()}")
     fault(fault_repository, "image_encoder")
+    # The corpus requests that poison the same code path: answered INVALID_ARG naming the tensor, then leaked.
+    for case in [c for c in all_request_cases() if c.name in POISONS_TRITON_2_51]:
+        try:
+            wire.infer(case.ensemble, case.tensors, case.outputs, timeout=60)
+            pytest.fail(f"{case.name} was served")
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.INVALID_ARGUMENT or not all(m in error.details() for m in case.mentions):
+                pytest.fail(f"{case.name}: unexpected error: {error.code()} {error.details()}")
     fault_server.stop()
     leaked = re.findall(r"Model 'fuse_image_text' \(version 1\) has (\d+) in-flight inferences",
                         fault_server.log_path.read_text(errors="replace"))
