@@ -180,8 +180,8 @@ def strategy_hparams(name: str, clip: nn.Module, overrides: dict[str, Any] | Non
     return {**defaults[name], **(overrides or {})}
 
 
-def build_preset(preset: str, clip: nn.Module, embed_dim: int) -> FusionStrategy:
-    return build(preset.split("-")[0], MODALITIES, embed_dim, **strategy_hparams(preset, clip))
+def build_preset(preset: str, clip: nn.Module, embed_dim: int, overrides: dict[str, Any] | None = None) -> FusionStrategy:
+    return build(preset.split("-")[0], MODALITIES, embed_dim, **strategy_hparams(preset, clip, overrides))
 
 
 
@@ -203,10 +203,10 @@ class TrainConfig:
     aux_weight: float = 0.5
     gate_lr_scale: float = 10.0
     seed: int = 0
-    threads: int = 0
+    threads: int = DEFAULTS["threads"]
     eval_every: int = 500
     eval_per_kind: int = 200
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # strategy hyper-parameter overrides
 
 
 def make_optimizer(params: list, modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -273,7 +273,7 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
     clip = create_clip(cfg.model_name, cfg.seed)
     encoders = Encoders(clip)
     embed_dim = int(clip.text_projection.shape[1])
-    heads = {cfg.preset: build_preset(cfg.preset, clip, embed_dim)}
+    heads = {cfg.preset: build_preset(cfg.preset, clip, embed_dim, cfg.extra)}
     if cfg.preset != "late":
         heads["late"] = build_preset("late", clip, embed_dim)
     image_width, _ = token_widths(clip)
@@ -431,7 +431,7 @@ def train_head(cfg: TrainConfig, clip: nn.Module,
     encoders = Encoders(clip).eval()
     encoders.requires_grad_(False)
     embed_dim = int(clip.text_projection.shape[1])
-    head = build_preset(cfg.preset, clip, embed_dim)
+    head = build_preset(cfg.preset, clip, embed_dim, cfg.extra)
     optimizer = make_optimizer(list(head.parameters()), [head], cfg)
     featurizer = Featurizer(cfg.model_name)
     rng = np.random.default_rng(cfg.seed)

@@ -33,7 +33,7 @@ def register(sub) -> None:
                    help="probability of dropping each modality per sample")
     p.add_argument("--curriculum-steps", type=int, default=d["curriculum_steps"],
                    help="steps over which relation-swapped negatives are phased in")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--threads", type=int, default=d["threads"], help="torch threads (0: torch's default)")
     p.add_argument("--eval-per-kind", type=int, default=300, help="fresh examples per kind for the final evaluation")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--fusion-model", default="fusion", help="fusion model folder that receives the new version")
