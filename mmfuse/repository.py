@@ -75,11 +75,30 @@ def parameters(config: model_config_pb2.ModelConfig) -> dict[str, str]:
     return {key: value.string_value for key, value in config.parameters.items()}
 
 
+_PARAMETER = r'(\{{\s*key:\s*"{key}"\s*,?\s*value:\s*\{{\s*string_value:\s*)"((?:[^"\\]|\\.)*)"'
+
+
 def set_parameters(repository: Path, model: str, values: Mapping[str, str]) -> None:
-    config = load_config(repository, model)
+    """Set ``parameters`` string values. Existing keys are edited in place, so the file's comments stay."""
+    import json
+    import re
+
+    path = config_path(repository, model)
+    text = path.read_text()
+    missing = {}
     for key, value in values.items():
-        config.parameters[key].string_value = str(value)
-    save_config(repository, model, config)
+        pattern = re.compile(_PARAMETER.format(key=re.escape(key)))
+        if len(pattern.findall(text)) == 1:
+            text = pattern.sub(lambda m: m.group(1) + json.dumps(str(value)), text)
+        else:
+            missing[key] = value
+    path.write_text(text)
+    load_config(repository, model)  # still parses
+    if missing:
+        config = load_config(repository, model)
+        for key, value in missing.items():
+            config.parameters[key].string_value = str(value)
+        save_config(repository, model, config)
 
 
 def copy_repository(source: Path, target: Path) -> Path:

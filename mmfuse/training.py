@@ -15,6 +15,7 @@ command line, seed, time and measured accuracies).
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -325,6 +326,7 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
                 h.train()
             history.append({"step": step + 1, "seconds": round(time.monotonic() - started, 1), "loss": record,
                             "accuracy": acc})
+            print(f"step {step + 1}: accuracy {json.dumps(acc)}", flush=True)
     for module in [encoders, *heads.values()]:
         module.eval()
     return clip, heads, history

@@ -35,6 +35,10 @@ def register(sub) -> None:
                    help="steps over which relation-swapped negatives are phased in")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads (0: torch's default)")
     p.add_argument("--eval-per-kind", type=int, default=300, help="fresh examples per kind for the final evaluation")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="--from-scratch: evaluate every N steps (recorded in the head's JSON)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
+                   help="strategy hyper-parameter override, e.g. --option layers=3 (repeatable)")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--fusion-model", default="fusion", help="fusion model folder that receives the new version")
     p.add_argument("--no-export", action="store_true", help="train and evaluate only")
@@ -56,6 +60,19 @@ def _progress(total: int, desc: str):
     return update
 
 
+def _options(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"mmfuse train: --option wants KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import training
     from ..export import export_encoders, export_head
@@ -65,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = training.TrainConfig(
         preset=args.strategy, model_name=args.model_name, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, modality_dropout=args.modality_dropout,
-        curriculum_steps=args.curriculum_steps, threads=args.threads, eval_every=0)
+        curriculum_steps=args.curriculum_steps, threads=args.threads, eval_every=args.eval_every,
+        extra=_options(args.option))
     command = "mmfuse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.monotonic()
     history: list = []

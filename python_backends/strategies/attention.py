@@ -12,16 +12,20 @@ from .blocks import GatedCrossAttention, SelfAttentionBlock, trim
 @register
 class AttentionFusion(FusionStrategy):
     """hparams: image_width, text_width (token widths of the encoders), dim, heads, layers,
-    projector ("flamingo" | "llava"), head (bool), image_tokens (learned image positions; 0 = none). Modalities: the first is the image (keys),
+    projector ("flamingo" | "llava"), head (bool), image_tokens (learned image positions; 0 = none),
+    readout ("eot" | "eot+pool"). Modalities: the first is the image (keys),
     the second the text (queries)."""
 
     name = "attention"
     needs_sequences = True
 
     def __init__(self, modalities, embed_dim, image_width=64, text_width=64, dim=128, heads=4, layers=2,
-                 projector="flamingo", head=True, image_tokens=0):
+                 projector="flamingo", head=True, image_tokens=0, readout="eot"):
         super().__init__(modalities, embed_dim, image_width=image_width, text_width=text_width, dim=dim,
-                         heads=heads, layers=layers, projector=projector, head=head, image_tokens=image_tokens)
+                         heads=heads, layers=layers, projector=projector, head=head, image_tokens=image_tokens,
+                         readout=readout)
+        if readout not in ("eot", "eot+pool"):
+            raise ValueError(f"attention fusion: readout must be eot or eot+pool, got {readout!r}")
         if len(modalities) != 2:
             raise ValueError("attention fusion takes two modalities: image (keys) and text (queries)")
         if projector not in ("flamingo", "llava"):
@@ -37,9 +41,13 @@ class AttentionFusion(FusionStrategy):
         self.text_proj = nn.Linear(text_width, dim)
         self.null_text = nn.Parameter(torch.zeros(1, 1, dim))
         self.self_attn = nn.ModuleList(SelfAttentionBlock(dim, heads) for _ in range(layers))
-        self.ln = nn.LayerNorm(dim)
-        self.out = nn.Linear(dim, embed_dim)
-        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1)) if head else None
+        # readout "eot+pool": the end-of-text state plus an attention pooling over all text states
+        # (a learned query), so that a verdict formed at any token can reach the score directly.
+        self.pool_query = nn.Parameter(torch.zeros(dim)) if readout == "eot+pool" else None
+        width = 2 * dim if readout == "eot+pool" else dim
+        self.ln = nn.LayerNorm(width)
+        self.out = nn.Linear(width, embed_dim)
+        self.head = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, 1)) if head else None
 
     @property
     def has_head(self) -> bool:
@@ -72,6 +80,9 @@ class AttentionFusion(FusionStrategy):
                 x = cross(x, kv, image_valid)
                 x = block(x, text_valid)
             pooled = last_valid(x, text_valid)
+        if self.pool_query is not None:
+            weights = (x @ self.pool_query / self.pool_query.shape[0] ** 0.5).masked_fill(~text_valid, float("-inf"))
+            pooled = torch.cat([pooled, (torch.softmax(weights, dim=1).unsqueeze(-1) * x).sum(1)], dim=-1)
         pooled = self.ln(pooled)
         logit = self.head(pooled).squeeze(-1) if self.head is not None else None
         return FusionOutput(F.normalize(self.out(pooled), dim=-1), logit, batch.mask.clone(), x)
