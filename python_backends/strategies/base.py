@@ -53,6 +53,7 @@ class FusionStrategy(nn.Module):
         raise NotImplementedError
 
     def forward(self, batch: FusionBatch) -> FusionOutput:
+        batch = sanitize(batch)
         out = self.fuse(batch)
         nothing = ~batch.mask.any(dim=1)
         fused = torch.where(nothing[:, None], torch.zeros_like(out.fused), out.fused)
@@ -64,6 +65,22 @@ class FusionStrategy(nn.Module):
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "modalities": list(self.modalities), "embed_dim": self.embed_dim,
                 "hparams": self.hparams}
+
+
+def sanitize(batch: FusionBatch) -> FusionBatch:
+    """Zero what is masked (absent modalities, padding) and any non-finite value, so that masked
+    content can never reach a result (0 * NaN is NaN inside attention)."""
+    embeddings = torch.where(batch.mask.unsqueeze(-1), torch.nan_to_num(batch.embeddings), 0.0)
+    sequences, masks = [], []
+    for i, (seq, valid) in enumerate(zip(batch.sequences, batch.sequence_masks)):
+        if seq is None:
+            sequences.append(None)
+            masks.append(None)
+            continue
+        valid = (torch.ones(seq.shape[:2], dtype=torch.bool) if valid is None else valid) & batch.mask[:, i : i + 1]
+        sequences.append(torch.where(valid.unsqueeze(-1), torch.nan_to_num(seq), 0.0))
+        masks.append(valid)
+    return FusionBatch(embeddings, batch.mask, sequences, masks)
 
 
 STRATEGIES: dict[str, type[FusionStrategy]] = {}
