@@ -13,8 +13,9 @@ ensemble failed and why. Lists longer than ``max_batch`` are sent in chunks.
 
 It is a convenience layer over the generated clients (``clients/embed_image.py`` ...,
 written by ``mmfuse gen-clients``) sharing one gRPC channel: statuses decoded to
-``str``, ``valid`` flattened to ``[B]``. It does not retry (``retries=0``): an
-overloaded server's UNAVAILABLE reaches the caller at once.
+``str``, ``valid`` flattened to ``[B]``. By default it does not retry (``retries=0``): an
+overloaded server's UNAVAILABLE reaches the caller at once; ``retries=N`` retries UNAVAILABLE
+(queue full, server restarting) N times with exponential back-off and jitter.
 """
 from __future__ import annotations
 
@@ -48,14 +49,16 @@ class FuseResult:
 
 
 class MMFuseClient:
-    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 30.0, max_batch: int = 64, **grpc_kwargs):
+    def __init__(self, url: str = DEFAULT_URL, timeout_s: float = 30.0, max_batch: int = 64, retries: int = 0,
+                 **grpc_kwargs):
         """``grpc_kwargs`` go to ``tritonclient.grpc.InferenceServerClient`` (``ssl``, ``root_certificates`` ...)."""
         import tritonclient.grpc as grpcclient
 
         self.url = url
         self.timeout_s = timeout_s
         self.max_batch = max_batch
-        self.options = ClientOptions(url=url, timeout_s=timeout_s, retries=0, max_batch=max_batch, progress=False)
+        self.options = ClientOptions(url=url, timeout_s=timeout_s, retries=retries, max_batch=max_batch,
+                                     progress=False)
         self._client = (grpcclient.InferenceServerClient(url=url, **grpc_kwargs) if grpc_kwargs
                         else connect(self.options))
         self._embed_image = EmbedImageClient(options=self.options, connection=self._client)
