@@ -60,26 +60,33 @@ class ImageEncoder:
         _setup_torch(params)
         return cls(ClipSpec.from_params(params, context), context.torch_device)
 
-    def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, pixels: np.ndarray, sequence: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(L2-normalised pooled [B,D], token sequence [B,T,W] or None) as float32 numpy arrays.
+
+        The pixels go to the device once, in the compute precision; only what is asked for comes back
+        (the token sequence is 30 to 100 times the size of the embedding: converted only when needed).
+        """
         import torch
 
         with torch.inference_mode():
             x = torch.from_numpy(pixels).to(self.device, self.dtype)
             pooled, tokens = self.visual(x)
             pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-            return pooled.cpu().numpy(), tokens.float().cpu().numpy()
+            return pooled.cpu().numpy(), (tokens.float().cpu().numpy() if sequence else None)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         pixels = batch["PIXELS"]
         rows = pixels.shape[0]
         valid = batch["VALID"].reshape(rows) if "VALID" in batch else np.ones(rows, dtype=bool)
+        wants_sequence = "SEQUENCE" in requested or "SEQUENCE_MASK" in requested
         if valid.any():
-            pooled, sequence = self.encode(np.ascontiguousarray(pixels[valid], dtype=np.float32))
+            rows_in = pixels if valid.all() else pixels[valid]  # no copy when every row is valid
+            pooled, sequence = self.encode(np.ascontiguousarray(rows_in, dtype=np.float32), wants_sequence)
         else:
             pooled = np.zeros((0, self.embed_dim), np.float32)
             sequence = np.zeros((0,) + self.sequence_shape, np.float32)
         out = {"EMBEDDING": _scatter(valid, pooled, rows)}
-        if "SEQUENCE" in requested or "SEQUENCE_MASK" in requested:
+        if wants_sequence:
             out["SEQUENCE"] = _scatter(valid, sequence, rows)
             out["SEQUENCE_MASK"] = np.repeat(valid[:, None], sequence.shape[1], axis=1)
         return out
@@ -104,26 +111,32 @@ class TextEncoder:
         spec = ClipSpec.from_params(params, context)
         return cls(spec, context.torch_device, trim=params.bool("trim_text_tokens", True))
 
-    def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, tokens: np.ndarray, sequence: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(L2-normalised pooled [B,D], token sequence [B,L',W] or None); L' is the trimmed length."""
         import torch
 
         with torch.inference_mode():
-            text = torch.from_numpy(tokens).to(self.device)
-            pooled, sequence = encode_text(self.model, text, trim=self.trim)
+            text = torch.from_numpy(tokens)
+            if self.trim and can_trim(self.model) and len(tokens):
+                # Cut on the host, before the upload: no device round trip to learn the length.
+                text = text[:, : int(tokens.argmax(axis=1).max()) + 1]
+            pooled, states = encode_text(self.model, text.to(self.device), trim=False)
             pooled = torch.nn.functional.normalize(pooled.float(), dim=-1)
-            return pooled.cpu().numpy(), sequence.float().cpu().numpy()
+            return pooled.cpu().numpy(), (states.float().cpu().numpy() if sequence else None)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         tokens = batch["TOKENS"]
         rows, length = tokens.shape
         valid = batch["VALID"].reshape(rows) if "VALID" in batch else np.ones(rows, dtype=bool)
         width = int(self.model.ln_final.normalized_shape[0]) if hasattr(self.model, "ln_final") else self.embed_dim
+        wants_sequence = "SEQUENCE" in requested or "SEQUENCE_MASK" in requested
         if valid.any():
-            pooled, sequence = self.encode(np.ascontiguousarray(tokens[valid], dtype=np.int64))
+            rows_in = tokens if valid.all() else tokens[valid]
+            pooled, sequence = self.encode(np.ascontiguousarray(rows_in, dtype=np.int64), wants_sequence)
         else:
             pooled, sequence = np.zeros((0, self.embed_dim), np.float32), np.zeros((0, length, width), np.float32)
         out = {"EMBEDDING": _scatter(valid, pooled, rows)}
-        if "SEQUENCE" in requested or "SEQUENCE_MASK" in requested:
+        if wants_sequence:
             # Positions after a row's end-of-text token are padding: zero them, so that a row's
             # SEQUENCE never depends on the other captions of its batch; SEQUENCE_MASK marks them.
             real = np.arange(length)[None, :] <= tokens.argmax(axis=1)[:, None]
@@ -133,6 +146,12 @@ class TextEncoder:
             out["SEQUENCE"] = _scatter(valid, padded, rows)
             out["SEQUENCE_MASK"] = real & valid[:, None]
         return out
+
+
+def can_trim(model) -> bool:
+    """Trimming is exact for open_clip's CLIP text tower: causal mask and pooling at the EOT (argmax) token."""
+    return (hasattr(model, "token_embedding") and getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", "argmax") == "argmax")
 
 
 def encode_text(model, text, trim: bool = True):
@@ -156,12 +175,15 @@ def encode_text(model, text, trim: bool = True):
         return pooled, sequence
     attn_mask = model.attn_mask
     pool_type = getattr(model, "text_pool_type", "argmax")
-    if trim and attn_mask is not None and pool_type == "argmax" and text.shape[0] > 0:
+    if trim and can_trim(model) and text.shape[0] > 0:
         length = int(text.argmax(dim=-1).max().item()) + 1
         text = text[:, :length]
-        attn_mask = attn_mask[:length, :length]
-    cast_dtype = model.transformer.get_cast_dtype()
     length = text.shape[1]
+    if attn_mask is not None and attn_mask.shape[-1] != length:
+        # The causal mask of a shorter sequence is the top-left corner of the full one; contiguous, so that
+        # the attention kernels take it as they take the full mask.
+        attn_mask = attn_mask[:length, :length].contiguous()
+    cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)
     x = model.transformer(x, attn_mask=attn_mask)
