@@ -1,0 +1,75 @@
+"""mmfuse bench: served throughput and latency against the machine's compute limit, in one run.
+
+The logic lives in mmfuse/bench.py; this module is the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..server import REPO_ROOT
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    if width < 8 or height < 8:
+        raise argparse.ArgumentTypeError(f"image size {text!r} is too small")
+    return width, height
+
+
+def register(sub) -> None:
+    from ..bench import PROFILES
+
+    p = sub.add_parser("bench", help="measure the serving path against the machine's matmul limit (starts its own "
+                                     "tritonserver on a generated ViT-B-32 repository); prints a table, writes JSON")
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture, random weights (default ViT-B-32)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="serving settings (default cpu)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also serve the shipped settings (fp32, default threads, one instance) for before/after")
+    p.add_argument("--quick", action="store_true", help="a small, fast run (for tests): few inputs, seconds per step")
+    p.add_argument("--jpeg-draft", action="store_true", help="serve with reduced-size JPEG decoding (jpeg_draft)")
+    p.add_argument("--rows", type=int, help="rows per request (default 4; quick 2)")
+    p.add_argument("--concurrency", type=int, help="requests in flight in the closed loop (default 8; quick 4)")
+    p.add_argument("--duration", type=float, help="seconds per served measurement (default 20; quick 3)")
+    p.add_argument("--images", type=int, help="distinct input images (default 16; quick 4)")
+    p.add_argument("--image-size", type=_size, help="WIDTHxHEIGHT of the generated JPEGs (default 640x480)")
+    p.add_argument("--no-served", action="store_true", help="in-process measurements only (no tritonserver)")
+    p.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench.json"), help="JSON output (default docs/bench.json)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import BenchOptions, run_bench, table, write_json
+    from ..server import ServerError
+
+    options = BenchOptions.quick_options() if args.quick else BenchOptions()
+    options.model, options.profile, options.baseline = args.model, args.profile, args.baseline
+    options.jpeg_draft, options.served = args.jpeg_draft, not args.no_served
+    if args.images is not None:
+        options.images = args.images
+    if args.image_size is not None:
+        options.image_size = args.image_size
+    plan = options.plan
+    for name, value in (("rows", args.rows), ("concurrency", args.concurrency), ("duration_s", args.duration)):
+        if value is not None:
+            if value <= 0:
+                print(f"mmfuse bench: --{name.split('_')[0]} must be > 0", file=sys.stderr)
+                return 2
+            setattr(plan, name, type(getattr(plan, name))(value))
+    if options.images < 1:
+        print("mmfuse bench: --images must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        result = run_bench(options, progress=lambda message: print(f"mmfuse bench: {message}", file=sys.stderr, flush=True))
+    except ServerError as error:
+        print(f"mmfuse bench: {error}", file=sys.stderr)
+        return 1
+    print(table(result))
+    out = Path(args.out)
+    write_json(result, out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,72 @@
+"""`mmfuse bench --quick` end to end: its own real tritonserver, every section measured, outputs within tolerance.
+
+The quick run uses the tiny architecture (so that it fits a test's time); speeds are printed, never asserted:
+what is asserted is that every optimisation the bench exercises keeps the outputs (served bf16 embeddings
+against fp32 in-process, trimmed against padded text, the exact preprocessing path against open_clip).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    mmfuse = Path(sys.executable).parent / "mmfuse"
+    proc = subprocess.run([str(mmfuse), "bench", "--quick", "--model", "mmfuse-tiny", "--out", str(out)],
+                          capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.mark.timeout(600)
+def test_table_names_every_figure(quick_run):
+    stdout, _ = quick_run
+    for fragment in ("| peak matmul fp32 |", "| peak matmul bf16 |", "| FLOPs per image |",
+                     "| ensemble | served items/s | limit items/s | served/limit | naive items/s | served/naive |",
+                     "| embed_image |", "| fuse_image_text |", "| embed_text |", "p99/p50", "fusion step",
+                     "text trimming", "precision (in-process", "preprocessing per", "wrote "):
+        assert fragment in stdout, fragment
+
+
+@pytest.mark.timeout(600)
+def test_every_served_request_succeeded_and_outputs_are_within_tolerance(quick_run):
+    _, result = quick_run
+    served = result["served"]
+    for name in ("embed_image", "embed_text", "fuse_image_text", "fuse_image_text_at_load"):
+        assert served[name]["errors"] == 0 and served[name]["requests"] > 0, name
+        assert 0 < served[name]["p50_ms"] <= served[name]["p95_ms"] <= served[name]["p99_ms"], name
+    s = result["summary"]
+    assert s["served_min_cosine_vs_fp32"] >= 0.99  # served in the profile's bf16 vs fp32 in-process
+    assert s["bf16_min_cosine_vs_fp32"] >= 0.99
+    assert s["text_trim_max_abs_diff_fp32"] <= 1e-5  # trimmed == padded under the causal mask
+    assert result["preprocessing"]["exact_vs_open_clip_max_abs"] == 0.0  # the fast tail is bit-identical
+    assert result["preprocessing"]["draft_vs_exact_mean_abs"] < 0.08  # the opt-in draft path, measured
+
+
+@pytest.mark.timeout(600)
+def test_limit_ratios_and_statistics_are_consistent(quick_run):
+    _, result = quick_run
+    limit, flops, s = result["limit"], result["flops"], result["summary"]
+    assert limit["dtype"] == ("bf16" if result["machine"]["bf16_matrix_units"] else "fp32")
+    assert limit["embed_image_per_s"] == pytest.approx(limit["peak_gflops"] * 1e9 / flops["image_flops"])
+    for name in ("embed_image", "fuse_image_text", "embed_text"):
+        e = s[name]
+        assert e["served_over_limit"] == pytest.approx(e["served_per_s"] / e["limit_per_s"])
+        assert e["served_over_naive"] == pytest.approx(e["served_per_s"] / e["naive_per_s"])
+    at_load = result["served"]["fuse_image_text_at_load"]
+    models = at_load["models"]
+    for model in ("fuse_image_text", "image_preprocess", "image_encoder", "text_preprocess", "text_encoder", "fusion"):
+        assert models[model]["requests"] > 0, model
+    assert at_load["fusion_ms"] == pytest.approx(models["fusion"]["mean_request_ms"])
+    assert 0 < at_load["fusion_share_of_p50"] < 1
+    for model in ("image_encoder", "text_encoder"):
+        assert "# mmfuse bench profile 'cpu'" in result["configs"][model]
+        assert 'string_value: "bf16"' in result["configs"][model]

@@ -1,0 +1,178 @@
+"""mmfuse.bench without a server: the limit's arithmetic, the generated repository, the profiles, the report."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mmfuse import bench
+from mmfuse.repository import load_config, parameters
+from python_backends.params import ModelContext, Params
+from tests.unit.conftest import TINY
+
+
+def test_analytic_flops_are_the_counted_ones_plus_the_attention_products(open_clip_tiny):
+    """The flop counter misses the CPU attention kernel's two products (QK^T and AV): exactly 4*T^2*W per layer."""
+    cfg = open_clip_tiny.get_model_config(TINY)
+    flops = bench.model_flops(TINY, text_tokens=14, context_length=77)
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    tokens = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    assert flops["image_flops_analytic"] - flops["image_flops_counted"] == vision["layers"] * 4 * tokens**2 * vision["width"]
+    assert flops["text_flops_analytic"] - flops["text_flops_counted"] == text["layers"] * 4 * 14**2 * text["width"]
+    assert flops["image_flops"] == flops["image_flops_analytic"] and flops["text_flops"] == flops["text_flops_analytic"]
+    assert flops["text_flops_padded"] > 5 * flops["text_flops"]
+
+
+def test_vit_b_32_costs_what_the_literature_says():
+    """ViT-B-32 at 224: 4.4 GMACs per image; its text tower 2.9 GMACs at 77 tokens."""
+    import open_clip
+
+    cfg = open_clip.get_model_config("ViT-B-32")
+    assert bench.vit_flops(cfg["vision_cfg"], cfg["embed_dim"]) / 2e9 == pytest.approx(4.41, abs=0.02)
+    assert bench.text_flops(cfg["text_cfg"], cfg["embed_dim"], 77) / 2e9 == pytest.approx(2.98, abs=0.02)
+    assert bench.vit_flops({"timm_model_name": "convnext_base", "width": 1, "layers": 1}, 512) is None
+
+
+def test_matmul_rate_is_a_rate():
+    rate = bench.matmul_rate("fp32", 128, threads=1, seconds=0.01)
+    assert math.isfinite(rate) and rate > 0.1  # GFLOP/s
+    peak = bench.machine_peak(quick=True)
+    for dtype in ("fp32", "bf16"):
+        p = peak[dtype]
+        assert p["peak_gflops"] == max(p["all_threads_gflops"], p["one_thread_gflops"] * (bench.os.cpu_count() or 1))
+
+
+def test_inputs_are_deterministic_jpegs():
+    from PIL import Image
+    import io
+
+    images, captions = bench.bench_inputs(3, 160, 120)
+    again, _ = bench.bench_inputs(3, 160, 120)
+    assert images == again and len(set(images)) == 3 and len(captions) == 3
+    assert Image.open(io.BytesIO(images[0])).format == "JPEG" and Image.open(io.BytesIO(images[0])).size == (160, 120)
+
+
+@pytest.mark.parametrize("profile", sorted(bench.PROFILES))
+def test_generated_repository(tmp_path, profile):
+    repo = bench.build_repository(tmp_path / "repo", "ViT-B-32", profile)
+    assert sorted(p.name for p in repo.iterdir()) == sorted(bench.BENCH_MODELS)
+    for model in bench.OPEN_CLIP_MODELS:
+        params = parameters(load_config(repo, model))
+        assert params["model_name"] == "ViT-B-32" and params["pretrained"] == ""
+        if model.endswith("encoder"):
+            assert params["allow_random_init"] == "true"
+    fusion = parameters(load_config(repo, "fusion"))
+    assert fusion["strategy"] == "late" and fusion["head_dir"] == ""
+    assert "SCORE" not in [o.name for o in load_config(repo, "fuse_image_text").output]
+    for model, tuning in bench.PROFILES[profile].items():
+        config = load_config(repo, model)
+        text = (repo / model / "config.pbtxt").read_text()
+        assert text.startswith(f"# mmfuse bench profile '{profile}' for {model}:")
+        assert tuning.why and tuning.why.split()[0] in text  # the reason is written beside the settings
+        assert config.instance_group[0].count == tuning.count
+        assert list(config.dynamic_batching.preferred_batch_size) == list(tuning.preferred)
+        assert config.dynamic_batching.max_queue_delay_microseconds == tuning.delay_us
+        assert config.dynamic_batching.default_queue_policy.max_queue_size > 0  # the bounded queue is kept
+        for key, value in tuning.params.items():
+            assert parameters(config)[key] == value
+
+
+@pytest.mark.parametrize("profile", sorted(bench.PROFILES))
+def test_profile_parameters_are_known_to_the_handlers(open_clip_tiny, profile):
+    """Every parameter a profile sets is read by its handler (a typo would fail the model's load)."""
+    from python_backends.encoders import ImageEncoder, TextEncoder
+    from python_backends.image_preprocess import ImagePreprocessor
+    from python_backends.openclip_models import ClipSpec
+    from python_backends.text_preprocess import TextPreprocessor
+
+    factories = {"image_preprocess": ImagePreprocessor, "text_preprocess": TextPreprocessor,
+                 "image_encoder": ImageEncoder, "text_encoder": TextEncoder}
+    for model, tuning in bench.PROFILES[profile].items():
+        raw = {"model_name": TINY, "pretrained": "", **tuning.params}
+        if model.endswith("encoder"):
+            raw.update(allow_random_init="true", seed="0")
+        params = Params(model, raw)
+        kind = "GPU" if tuning.kind == "KIND_GPU" else "CPU"
+        context = ModelContext(model, model_dir=None, instance_kind=kind)
+        if kind == "GPU":
+            # No GPU here: parse what the GPU instance would parse, without building the model on a device.
+            ClipSpec.from_params(params, context)
+            params.int("torch_threads", 0, minimum=0)
+            params.bool("trim_text_tokens", True)
+        else:
+            handler = factories[model].from_parameters(context, params)
+            getattr(handler, "close", lambda: None)()
+        params.reject_unknown()
+
+
+def test_cpu_profile_serves_bf16_single_threaded():
+    cpu = bench.PROFILES["cpu"]
+    for encoder in ("image_encoder", "text_encoder"):
+        assert cpu[encoder].params["precision"] == "bf16" and cpu[encoder].params["torch_threads"] == "1"
+    gpu = bench.PROFILES["gpu"]
+    assert gpu["image_encoder"].kind == gpu["text_encoder"].kind == "KIND_GPU"
+    assert gpu["image_encoder"].params["precision"] == "fp16"
+    assert bench.serving_precision("cpu") == "bf16" and bench.serving_precision("baseline") == "fp32"
+
+
+def _fake_result() -> dict:
+    row = {"items_per_s": 50.0, "p50_ms": 100.0, "p95_ms": 120.0, "p99_ms": 130.0,
+           "models": {"image_preprocess": {"compute_infer_ms": 5.0}, "image_encoder": {"compute_infer_ms": 50.0}}}
+    at_load = {"load_fraction": 0.7, "items_per_s_offered": 35.0, "p50_ms": 100.0, "p95_ms": 120.0, "p99_ms": 140.0,
+               "p99_over_p50": 1.4, "fusion_ms": 1.0, "fusion_share_of_p50": 0.01,
+               "models": {"fusion": {"requests": 10, "queue_ms": 0.1, "compute_input_ms": 0.1, "compute_infer_ms": 0.5,
+                                     "compute_output_ms": 0.1, "mean_batch_rows": 4.0}}}
+    return {
+        "options": {"model": "ViT-B-32", "profile": "cpu", "plan": {"concurrency": 8, "rows": 4, "duration_s": 20,
+                                                                   "warmup_s": 5}},
+        "machine": {"cpu": "x", "cores": 2, "bf16_matrix_units": True, "host": "h", "time_utc": "t"},
+        "load_average_start": [1.0], "load_average_end": [1.0], "seconds": 1.0,
+        "peak": {"fp32": {"peak_gflops": 200.0, "all_threads_gflops": 200.0, "one_thread_gflops": 100.0},
+                 "bf16": {"peak_gflops": 800.0, "all_threads_gflops": 800.0, "one_thread_gflops": 400.0}},
+        "flops": {"image_flops": 8e9, "image_flops_counted": 7.9e9, "text_flops": 1e9, "text_tokens": 14,
+                  "text_flops_padded": 6e9, "context_length": 77},
+        "limit": {"dtype": "bf16", "why": "w", "peak_gflops": 800.0, "embed_image_per_s": 100.0,
+                  "embed_text_per_s": 800.0, "fuse_image_text_per_s": 800 / 9},
+        "naive": {"embed_image_per_s": 5.0, "embed_text_per_s": 20.0, "fuse_image_text_per_s": 4.0, "items": 3,
+                  "default_threads": 2, "embed_image_per_s_by_threads": {"2": 5.0, "1": 4.0}},
+        "served": {"embed_image": row, "fuse_image_text": dict(row, items_per_s=40.0), "fuse_image_text_at_load": at_load,
+                   "outputs": {"served_precision": "bf16", "image_min_cosine_vs_fp32_in_process": 0.995,
+                               "text_min_cosine_vs_fp32_in_process": 0.998}},
+        "text_trimming": {"speedup": 4.0, "trimmed_vs_padded": {"fp32": {"max_abs_diff": 1e-7}}, "precision": "bf16",
+                          "batch": 64, "mean_tokens": 9.0, "longest_tokens": 14, "context_length": 77,
+                          "trimmed_per_s": 400.0, "padded_per_s": 100.0},
+    }
+
+
+def test_summary_ratios_and_table():
+    result = _fake_result()
+    result["summary"] = s = bench.summarise(result)
+    assert s["embed_image"]["served_over_limit"] == pytest.approx(0.5)
+    assert s["embed_image"]["served_over_naive"] == pytest.approx(10.0)
+    assert s["fuse_image_text"]["served_over_limit"] == pytest.approx(40 / (800 / 9))
+    assert s["at_load"]["fusion_share_of_p50"] == 0.01 and s["text_trim_speedup"] == 4.0
+    assert s["served_min_cosine_vs_fp32"] == 0.995
+    text = bench.table(result)
+    for fragment in ("| peak matmul bf16 | 800 GFLOP/s", "| embed_image | 50.0 | 100.0 | 0.50 | 5.0 | 10.0x |",
+                     "p99/p50 1.40", "1.0% of p50", "4.0x", "served/limit", "served/naive"):
+        assert fragment in text, fragment
+
+
+def test_json_has_no_nan(tmp_path):
+    out = tmp_path / "b.json"
+    bench.write_json({"a": math.nan, "b": [np.float32(1.5), math.inf], "c": {"d": np.int64(3)}}, out)
+    import json
+
+    assert json.loads(out.read_text()) == {"a": None, "b": [1.5, None], "c": {"d": 3}}
+
+
+def test_statistics_delta():
+    before = {"m": {"inference_count": 10, "execution_count": 5, "success_count": 10, "success_ns": 1e7,
+                    "queue_ns": 0, "queue_count": 10, "compute_input_ns": 0, "compute_input_count": 10,
+                    "compute_infer_ns": 0, "compute_infer_count": 10, "compute_output_ns": 0, "compute_output_count": 10}}
+    after = {"m": dict(before["m"], inference_count=30, execution_count=7, success_count=20, success_ns=3e7,
+                       queue_ns=2e7, compute_infer_ns=5e6)}
+    d = bench.statistics_delta(before, after)["m"]
+    assert d["requests"] == 10 and d["mean_request_ms"] == pytest.approx(2.0) and d["queue_ms"] == pytest.approx(2.0)
+    assert d["compute_infer_ms"] == pytest.approx(0.5) and d["mean_batch_rows"] == pytest.approx(10.0)
