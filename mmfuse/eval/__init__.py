@@ -1,0 +1,11 @@
+"""``mmfuse eval``: fusion beyond accuracy, measured on a running server.
+
+* ``corruptions``: imperfections at levels p in [0, 1] (image, text, modality dropout), seeded;
+* ``metrics``: accuracy per kind, balanced accuracy, area under the curve, effective robustness,
+  retention, catastrophic-degradation flags, the single-modality logistic regressions (numpy only);
+* ``serving``: the trained heads in a repository, serving each in turn (parameters only), sending rows;
+* ``robustness``: every head under every imperfection through ``fuse_image_text``;
+* ``load``: closed- and open-loop load, bounded, with Triton's statistics and server memory;
+* ``perf_analyzer``: the same load as perf_analyzer input files and command lines;
+* ``report``: report.json, report.md and the PNG plots; ``runner``: the whole run.
+"""

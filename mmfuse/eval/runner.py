@@ -1,0 +1,273 @@
+"""``mmfuse eval``: robustness and performance of a running (or embedded) server, written as a report."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from . import corruptions as C
+from . import load as L
+from . import robustness as R
+from .serving import ENSEMBLE, Head, Switcher, describe_machine, discover_heads, server_pid_for_port
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class EvalConfig:
+    out: Path
+    url: str | None = None  # None: start the embedded server on ``repository``
+    repository: Path | None = None  # where the heads are (and what the embedded server serves)
+    heads: list[Path] = field(default_factory=list)  # more head folders
+    quick: bool = False
+    per_kind: int = 24
+    calibration_per_kind: int = 48
+    levels: tuple[float, ...] = C.LEVELS
+    corruptions: tuple[str, ...] = tuple(C.CORRUPTIONS)
+    seed: int = 0
+    batch: int = 16
+    in_flight: int = 2
+    ensembles: tuple[str, ...] = ()  # () = every served ensemble
+    concurrencies: tuple[int, ...] = (1, 2, 4, 8)
+    rates: tuple[float, ...] = ()  # () = 25 %, 50 %, 90 % of the best closed-loop throughput
+    load_requests: int = 300
+    load_seconds: float = 3.0
+    timeout_s: float = 60.0
+    robustness: bool = True
+    load: bool = True
+
+    @classmethod
+    def quick_defaults(cls, **kwargs) -> "EvalConfig":
+        values = dict(quick=True, per_kind=4, calibration_per_kind=8, levels=(0.0, 0.5, 1.0), concurrencies=(1, 4),
+                      load_requests=24, load_seconds=1.0)
+        values.update(kwargs)
+        return cls(**values)
+
+
+def say(message: str) -> None:
+    print(f"[mmfuse eval] {message}", file=sys.stderr, flush=True)
+
+
+def _bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, file=sys.stderr, leave=False,
+                mininterval=0.5)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    host, _, port = url.rpartition(":")
+    return host, int(port)
+
+
+def served_ensembles(client) -> list[str]:
+    out = []
+    for m in client.get_model_repository_index(as_json=True).get("models", []):
+        if m.get("state") == "READY" and client.get_model_config(m["name"]).config.platform == "ensemble":
+            out.append(m["name"])
+    return sorted(set(out))
+
+
+def run(cfg: EvalConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Start (or reach) the server, evaluate, write the report; returns the report's JSON."""
+    from mmfuse.server import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer
+
+    started = time.monotonic()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    repository = Path(cfg.repository or DEFAULT_MODEL_REPOSITORY)
+    server = None
+    if cfg.url is None:
+        log = Path(tempfile.gettempdir()) / "mmfuse-eval-tritonserver.log"
+        say(f"starting the embedded tritonserver on {repository} (explicit model control; log {log}) ...")
+        server = TritonServer(ServerConfig.on_free_ports(model_repository=repository, model_control_mode="explicit"),
+                              log_path=log)
+        server.__enter__()
+        url, pid = server.grpc_url, server.process.pid
+    else:
+        url = cfg.url
+        host, port = _host_port(url)
+        if host not in LOOPBACK:
+            raise SystemExit(f"mmfuse eval: {url} is not a loopback address; the evaluation only loads servers "
+                             "on this machine (127.0.0.1, localhost, ::1)")
+        pid = server_pid_for_port(port)
+    try:
+        report = _evaluate(cfg, url, pid, repository, embedded=server is not None)
+    finally:
+        if server is not None:
+            server.stop()
+    report["seconds"] = round(time.monotonic() - started, 1)
+    report["command"] = "mmfuse " + " ".join(argv) if argv is not None else None
+    from .report import write_report
+
+    write_report(report, cfg.out)
+    say(f"report written to {cfg.out} in {report['seconds']:.0f} s")
+    return report
+
+
+def _evaluate(cfg: EvalConfig, url: str, pid: int | None, repository: Path, embedded: bool) -> dict[str, Any]:
+    import tritonclient.grpc as grpcclient
+
+    from clients import ClientOptions
+
+    client = grpcclient.InferenceServerClient(url)
+    options = ClientOptions(url=url, timeout_s=cfg.timeout_s, retries=3, progress=False)
+    report: dict[str, Any] = {
+        "schema": "mmfuse-eval/1",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": describe_machine(),
+        "server": {"url": url, "embedded": embedded, "pid": pid, "repository": str(repository)},
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+                   if k not in ("out",)},
+    }
+    report["config"]["heads"] = [str(h) for h in cfg.heads]
+    switcher = Switcher(client, repository, say)
+    report["server"]["served_fusion"] = switcher.served_head()
+    try:
+        if cfg.robustness:
+            report["robustness"] = _robustness(cfg, client, options, switcher, repository)
+        if cfg.load:
+            switcher.restore()  # performance of what the server serves
+            report["load"] = _load(cfg, client, options, url, pid, switcher, report.get("robustness"))
+    finally:
+        switcher.restore()
+        client.close()
+    return report
+
+
+# -- robustness --------------------------------------------------------------------------------------------------
+def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository: Path) -> dict[str, Any]:
+    names = [n for n in cfg.corruptions if n in C.CORRUPTIONS]
+    levels = sorted({0.0, *cfg.levels})
+    heads = discover_heads(repository, cfg.heads)
+    say(f"heads found: {', '.join(h.name + ' (' + h.source + ')' for h in heads) or 'none'}")
+    data = R.Dataset.generate(cfg.per_kind, cfg.seed)
+    calibration = R.Dataset.generate(cfg.calibration_per_kind, cfg.seed + 1)
+    say(f"{len(data)} evaluation rows ({cfg.per_kind} per kind, seed {cfg.seed}); corrupting them at "
+        f"{len(levels)} levels x {len(names)} corruptions ...")
+    conds = R.conditions(data, names, levels, cfg.seed)
+
+    cache = R.EmbeddingCache(client, options, cfg.batch * 2, cfg.in_flight)
+    images = calibration.images + [x for c in conds for x in c.images]
+    texts = calibration.texts + [t for c in conds for t in c.texts]
+    bar = _bar(len(images) + len(texts), "single-modality models: served embeddings")
+    cache.fill("image", images, bar.update)
+    cache.fill("text", texts, bar.update)
+    bar.close()
+    single = R.fit_single_modality(cache, calibration)
+    single_scores = {"image": {}, "text": {}}
+    for c in conds:
+        s = single.scores(cache, c)
+        single_scores["image"][c.key] = s["image"]
+        single_scores["text"][c.key] = s["text"]
+    single_fig = {m: R.figures(single_scores[m], data, names, levels) for m in ("image", "text")}
+
+    baseline = next((h for h in heads if h.is_late_similarity), None)
+    if baseline is None:
+        baseline = R.fit_late_head(cache, calibration, cfg.out / "heads" / "late-fitted", cfg.seed + 1)
+        say(f"no trained late head in the repository: fitted one ({baseline.path})")
+        heads.append(baseline)
+
+    strategies: dict[str, dict] = {}
+    all_scores: dict[str, dict[str, np.ndarray]] = {}
+    failed: dict[str, str] = {}
+    for head in heads:
+        bar = _bar(len(conds) * len(data), f"{head.name}: fuse_image_text")
+        try:
+            scores = R.evaluate_strategy(client, options, head, switcher, conds, data, cfg.batch, cfg.in_flight,
+                                         bar.update)
+        except Exception as error:  # noqa: BLE001 - one head that does not load must not end the evaluation
+            failed[head.name] = f"{type(error).__name__}: {error}"
+            say(f"{head.name}: not evaluated: {failed[head.name]}")
+            continue
+        finally:
+            bar.close()
+        all_scores[head.name] = scores
+        strategies[head.name] = R.figures(scores, data, names, levels)
+        clean = strategies[head.name]["clean"]
+        say(f"{head.name}: clean balanced accuracy {clean['balanced']:.3f} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in clean['by_kind'].items())})")
+    base_name = baseline.name if baseline.name in strategies else None
+    R.compare(strategies, single_fig, base_name, names, levels)
+    np.savez_compressed(
+        cfg.out / "scores.npz", labels=np.asarray(data.labels), kinds=np.asarray(data.kinds),
+        **{f"{s}|{k}": v for s, per in all_scores.items() for k, v in per.items()},
+        **{f"single:{m}|{k}": v for m, per in single_scores.items() for k, v in per.items()})
+    return {
+        "task": "shapes benchmark match SCORE (mmfuse/shapes.py): does the caption match the image?",
+        "chance": 0.5,
+        "dataset": {"per_kind": cfg.per_kind, "rows": len(data), "seed": cfg.seed,
+                    "calibration_per_kind": cfg.calibration_per_kind, "calibration_seed": cfg.seed + 1},
+        "levels": levels,
+        "corruptions": {n: {"modality": C.CORRUPTIONS[n].modality, "label": C.CORRUPTIONS[n].label} for n in names},
+        "heads": [{"name": h.name, "strategy": h.strategy, "source": h.source, "path": str(h.path),
+                   "hparams": h.description.get("hparams", {})} for h in heads],
+        "baseline": base_name,
+        "not_evaluated": failed,
+        "strategies": strategies,
+        "single_modality": {"calibration_balanced_accuracy": single.calibration, **single_fig},
+    }
+
+
+# -- performance -------------------------------------------------------------------------------------------------
+def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher: Switcher,
+          robustness: dict | None) -> dict[str, Any]:
+    data = R.Dataset.generate(8, cfg.seed + 2)
+    pool_images = [x for i, x in enumerate(data.images) if data.kinds[i] == "positive"][:16] or data.images[:16]
+    pool_texts = [t for i, t in enumerate(data.texts) if data.kinds[i] == "positive"][:16] or data.texts[:16]
+    ensembles = list(cfg.ensembles) or served_ensembles(client)
+    runs: list[dict] = []
+    pools: dict[str, list] = {}
+    for ensemble in ensembles:
+        outputs = [o.name for o in client.get_model_config(ensemble).config.output]
+        pool = L.request_pool(client, options, ensemble, pool_images, pool_texts, cfg.seed)
+        pools[ensemble] = pool
+        L.warm_up(client, options, ensemble, pool, outputs)
+        best = 0.0
+        for concurrency in cfg.concurrencies:
+            run = L.measure(client, url, ensemble, pool, outputs, "closed", concurrency, cfg.load_requests,
+                            cfg.load_seconds, pid, cfg.timeout_s)
+            summary = run.summary()
+            runs.append(summary)
+            best = max(best, summary["throughput_per_s"] or 0.0)
+            say(f"{ensemble}: concurrency {concurrency}: {summary['throughput_per_s']} req/s, "
+                f"p50 {summary['latency_ms']['p50']} ms, p99 {summary['latency_ms']['p99']} ms, "
+                f"errors {sum(summary['errors'].values())}")
+        rates = list(cfg.rates) or L.default_rates(best)
+        for rate in rates:
+            run = L.measure(client, url, ensemble, pool, outputs, "open", rate, cfg.load_requests, cfg.load_seconds,
+                            pid, cfg.timeout_s)
+            summary = run.summary()
+            runs.append(summary)
+            say(f"{ensemble}: {rate} req/s offered: {summary['throughput_per_s']} req/s, "
+                f"p50 {summary['latency_ms']['p50']} ms, p99 {summary['latency_ms']['p99']} ms, "
+                f"errors {sum(summary['errors'].values())}")
+    overhead = []
+    if robustness and ENSEMBLE in ensembles:
+        concurrency = max(cfg.concurrencies)
+        outputs = ["FUSED", "MODALITY_MASK", "MODALITY_STATUS", "SCORE"]
+        for h in robustness["heads"]:
+            if h["name"] not in robustness["strategies"]:
+                continue
+            switcher.use(Head(h["name"], h["strategy"], Path(h["path"]), h["source"], {"hparams": h["hparams"]}))
+            L.warm_up(client, options, ENSEMBLE, pools[ENSEMBLE], outputs)
+            run = L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency, cfg.load_requests,
+                            cfg.load_seconds, pid, cfg.timeout_s)
+            summary = run.summary()
+            summary["strategy"] = h["name"]
+            overhead.append(summary)
+            say(f"{ENSEMBLE} with {h['name']}: {summary['throughput_per_s']} req/s, p50 "
+                f"{summary['latency_ms']['p50']} ms, fusion share {summary['server']['fusion_share']}")
+        switcher.restore()
+    from .perf_analyzer import fill_commands, write_inputs
+
+    result = {"runs": runs, "strategy_overhead": overhead,
+              "perf_analyzer": write_inputs(cfg.out / "perf_analyzer", pools, url),
+              "bounds": {"requests": cfg.load_requests, "seconds": cfg.load_seconds,
+                         "concurrencies": list(cfg.concurrencies)}}
+    fill_commands(result)
+    return result

@@ -1,0 +1,242 @@
+"""The server side of the evaluation: which trained heads exist, serving each one, scoring rows.
+
+Strategies are switched on the running server by parameters only, as ``mmfuse reconfigure`` does:
+``load_model("fusion", config=<served config with strategy / head_dir changed>)`` and, where the
+served ``fuse_image_text`` does not expose ``SCORE`` yet, the ensemble with that output added. This
+needs ``--model-control-mode=explicit``; the served configs are put back at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from python_backends.strategies.base import HEAD_CONFIG
+
+FUSION = "fusion"
+ENSEMBLE = "fuse_image_text"
+
+
+@dataclass(frozen=True)
+class Head:
+    """A trained fusion head on disk (``fusion_head.json`` + ``fusion_head.safetensors``)."""
+
+    name: str  # unique label in the report: the training preset ("attention", "late-gmu", ...)
+    strategy: str  # the fusion model's ``strategy`` parameter
+    path: Path  # the folder holding the head
+    source: str  # where it came from, for the report
+    description: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_late_similarity(self) -> bool:
+        h = self.description.get("hparams", {})
+        return self.strategy == "late" and h.get("head") == "similarity" and h.get("gate", "fixed") == "fixed"
+
+
+def preset_name(description: dict) -> str:
+    preset = description.get("training", {}).get("config", {}).get("preset")
+    if preset:
+        return str(preset)
+    h = description.get("hparams", {})
+    name = description["strategy"]
+    if name == "late" and h.get("gate") == "gmu":
+        return "late-gmu"
+    if name == "attention" and h.get("projector") == "llava":
+        return "attention-llava"
+    return name
+
+
+def discover_heads(repository: Path | None, extra: Sequence[Path] = (), fusion_model: str = FUSION) -> list[Head]:
+    """Every head in the repository's fusion version folders (oldest first), then the ``extra`` folders."""
+    found: list[tuple[Path, str]] = []
+    if repository is not None:
+        model_dir = Path(repository) / fusion_model
+        if model_dir.is_dir():
+            for version in sorted((p for p in model_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
+                if (version / HEAD_CONFIG).is_file():
+                    found.append((version, f"{fusion_model}/{version.name}"))
+    found += [(Path(p), str(p)) for p in extra]
+    heads: list[Head] = []
+    names: set[str] = set()
+    for path, source in found:
+        description = json.loads((path / HEAD_CONFIG).read_text())
+        name = preset_name(description)
+        if name in names:  # two heads of one preset: tell them apart by where they live
+            name = f"{name} ({source})"
+        names.add(name)
+        heads.append(Head(name, description["strategy"], path.resolve(), source, description))
+    return heads
+
+
+class Switcher:
+    """Serve one head after another on a running server; ``restore()`` puts the served configs back."""
+
+    def __init__(self, client, repository: Path | None, say: Callable[[str], None] = print):
+        from mmfuse.reconfigure import served_configs
+
+        self.client = client
+        self.repository = Path(repository) if repository is not None else None
+        self.say = say
+        self.original = served_configs(client, [FUSION, ENSEMBLE])
+        self.changed = False
+
+    def served_version_dir(self) -> Path | None:
+        if self.repository is None:
+            return None
+        index = self.client.get_model_repository_index(as_json=True).get("models", [])
+        versions = [int(m["version"]) for m in index if m["name"] == FUSION and m.get("state") == "READY"
+                    and str(m.get("version", "")).isdigit()]
+        if not versions:
+            return None
+        return self.repository / FUSION / str(max(versions))
+
+    def head_dir_for(self, head: Head) -> str:
+        """Relative to the served version folder when the head is in the same repository, else absolute."""
+        served = self.served_version_dir()
+        if served is not None and served.resolve().parent == head.path.parent:
+            return os.path.relpath(head.path, served.resolve())
+        return str(head.path)
+
+    def served_head(self) -> str:
+        """The served fusion strategy and head_dir, as text for the report."""
+        params = {k: v.string_value for k, v in self.original[FUSION].parameters.items()}
+        return f"strategy {params.get('strategy', 'late')!r}, head_dir {params.get('head_dir', '')!r}"
+
+    def use(self, head: Head) -> None:
+        from google.protobuf import json_format
+
+        from mmfuse.reconfigure import config_json
+
+        fusion = type(self.original[FUSION])()
+        fusion.CopyFrom(self.original[FUSION])
+        fusion.parameters["strategy"].string_value = head.strategy
+        fusion.parameters["head_dir"].string_value = self.head_dir_for(head)
+        if "allow_random_init" in fusion.parameters:
+            fusion.parameters["allow_random_init"].string_value = "false"
+        self.changed = True
+        self.client.load_model(FUSION, config=config_json(fusion))
+        ensemble = type(self.original[ENSEMBLE])()
+        ensemble.CopyFrom(self.original[ENSEMBLE])
+        if "SCORE" not in {o.name for o in ensemble.output}:
+            for step in ensemble.ensemble_scheduling.step:
+                if step.model_name == FUSION:
+                    step.output_map["SCORE"] = "SCORE"
+            score_type = next(o.data_type for o in fusion.output if o.name == "SCORE")
+            ensemble.output.add(name="SCORE", data_type=score_type, dims=[1])
+        self.client.load_model(ENSEMBLE, config=json_format.MessageToJson(ensemble))
+        if not self.client.is_model_ready(ENSEMBLE):
+            raise RuntimeError(f"{ENSEMBLE} is not ready after loading head {head.name}")
+
+    def restore(self) -> None:
+        from mmfuse.reconfigure import config_json
+
+        if not self.changed:
+            return
+        self.client.load_model(FUSION, config=config_json(self.original[FUSION]))
+        self.client.load_model(ENSEMBLE, config=config_json(self.original[ENSEMBLE]))
+        self.changed = False
+
+
+def served_outputs(client, name: str) -> list[str]:
+    return [o.name for o in client.get_model_config(name).config.output]
+
+
+def _column(values: Sequence[bytes | str]) -> np.ndarray:
+    return np.array([[v.encode() if isinstance(v, str) else v] for v in values], dtype=object)
+
+
+def run_rows(client, options, ensemble: str, columns: dict[str, list], outputs: Sequence[str], batch: int,
+             in_flight: int, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Send ``columns`` ([N] rows each) in requests of ``batch`` rows, ``in_flight`` at once; outputs in row order."""
+    from clients._runtime import call
+
+    n = len(next(iter(columns.values())))
+    chunks = [slice(i, min(n, i + batch)) for i in range(0, n, batch)]
+
+    def one(s: slice) -> dict[str, np.ndarray]:
+        arrays = {k: (_column(v[s]) if isinstance(v, list) else v[s]) for k, v in columns.items()}
+        out = call(client, ensemble, arrays, outputs, options)
+        if progress is not None:
+            progress(s.stop - s.start)
+        return out
+
+    with ThreadPoolExecutor(max_workers=max(1, in_flight)) as pool:
+        parts = list(pool.map(one, chunks))
+    return {name: np.concatenate([p[name] for p in parts]) for name in outputs}
+
+
+def server_pid_for_port(port: int) -> int | None:
+    """The pid listening on 127.0.0.1/0.0.0.0:port (loopback servers; /proc of processes we may read)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            local, state, inode = parts[1], parts[3], parts[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                inodes.add(inode)
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def process_tree(pid: int) -> list[int]:
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                children = (task / "children").read_text().split()
+                stack.extend(int(c) for c in children)
+        except OSError:
+            continue
+    return out
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (tritonserver + python-backend stubs)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def describe_machine() -> dict[str, Any]:
+    import platform
+
+    info: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+        info["memory_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
