@@ -15,6 +15,7 @@ trim_text_tokens  text: run the transformer only up to the longest real caption
 """
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -38,6 +39,54 @@ def _scatter(valid: np.ndarray, values: np.ndarray, rows: int) -> np.ndarray:
     return out
 
 
+def patch_embedding_as_matmul(visual) -> bool:
+    """Replace the vision tower's patch embedding (a Conv2d whose kernel is its stride) by one matrix product.
+
+    Same arithmetic (each output is the dot product of a flattened patch with a flattened filter), but CPU
+    convolution kernels handle this 32x32-stride case far below the matmul rate: measured on ViT-B-32 in bf16,
+    one thread, batch 8: 10-12 ms as a convolution, 4.8 ms as a product (3 % of the whole tower).
+    Returns whether it was replaced (other stems are left as they are).
+    """
+    import torch
+
+    conv = getattr(visual, "conv1", None)
+    if not (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == conv.stride and conv.groups == 1
+            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)):
+        return False
+    visual.conv1 = _patch_embedding_type()(conv)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _patch_embedding_type():
+    """The module class, made on first use: this file does not import torch at import time."""
+    import torch
+
+    class PatchEmbedding(torch.nn.Module):
+        """[B,C,H,W] -> [B,out,H/p,W/p], as the Conv2d it replaces (kernel = stride = p, no padding)."""
+
+        def __init__(self, conv: torch.nn.Conv2d):
+            super().__init__()
+            self.out_channels = conv.out_channels
+            self.patch = tuple(conv.kernel_size)
+            # [C*ph*pw, out]: the filters flattened in the order a patch is flattened below (channel, row, column).
+            self.register_buffer("weight", conv.weight.detach().reshape(conv.out_channels, -1).t().contiguous())
+            self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            ph, pw = self.patch
+            gh, gw = h // ph, w // pw
+            patches = x[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw)
+            patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
+            y = patches @ self.weight.to(x.dtype)
+            if self.bias is not None:
+                y = y + self.bias.to(x.dtype)
+            return y.permute(0, 2, 1).view(b, self.out_channels, gh, gw)  # the conv's layout, without a copy
+
+    return PatchEmbedding
+
+
 class ImageEncoder:
     """PIXELS [B,3,H,W] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,T,W], SEQUENCE_MASK [B,T] on request)."""
 
@@ -47,6 +96,7 @@ class ImageEncoder:
         model = load_clip(spec, device)
         self.visual = model.visual  # the text tower is dropped with `model`
         self.visual.output_tokens = True
+        self.fast_patch_embedding = patch_embedding_as_matmul(self.visual)
         self.device = device
         self.dtype = torch_dtype(spec.precision)
         self.embed_dim = int(spec.model_config()["embed_dim"])

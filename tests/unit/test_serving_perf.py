@@ -4,6 +4,7 @@
   preprocessing the parity tests cover; reduced-size JPEG decoding (``jpeg_draft``) is off by default, and
   when on it stays within a measured pixel tolerance and keeps the embeddings (cosine >= 0.99);
 * encoders: the token sequence is computed only when asked for, and the embedding does not change;
+* the patch embedding runs as one matrix product, equal to the convolution it replaces;
 * text trimming and bf16 are covered in test_encoders.py (equality with the padded result; cosine >= 0.99).
 """
 from __future__ import annotations
@@ -165,3 +166,50 @@ def test_all_valid_rows_skip_the_copy_and_give_the_same_embeddings(open_clip_tin
     without = encoder({"PIXELS": pixels}, embed)["EMBEDDING"]
     with_valid = encoder({"PIXELS": pixels, "VALID": np.ones((4, 1), bool)}, embed)["EMBEDDING"]
     np.testing.assert_array_equal(without, with_valid)
+
+
+# -- patch embedding as one matrix product -------------------------------------------------------------------------
+@pytest.mark.parametrize("channels, width, patch, size, bias", [
+    (3, 64, 16, (64, 64), False),     # mmfuse-tiny
+    (3, 768, 32, (224, 224), False),  # ViT-B-32
+    (3, 32, 8, (70, 45), True),       # sizes that are not multiples of the patch: the conv drops the remainder
+])
+def test_patch_embedding_equals_the_convolution(channels, width, patch, size, bias):
+    import torch
+
+    from python_backends.encoders import _patch_embedding_type
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, width, kernel_size=patch, stride=patch, bias=bias).eval()
+    x = torch.randn(3, channels, *size)
+    fast = _patch_embedding_type()(conv)
+    with torch.no_grad():
+        expected, got = conv(x), fast(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+        got16 = fast.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+        cos = torch.nn.functional.cosine_similarity(got16.flatten(1), expected.flatten(1))
+        assert cos.min() > 0.999
+
+
+def test_image_encoder_uses_the_matmul_patch_embedding(open_clip_tiny):
+    encoder = ImageEncoder(ClipSpec(TINY, allow_random_init=True, seed=3))
+    assert encoder.fast_patch_embedding and type(encoder.visual.conv1).__name__ == "PatchEmbedding"
+    # (test_encoders.py checks the embeddings against open_clip's own model at cosine >= 0.9999)
+
+
+def test_overlapping_or_padded_stems_are_left_alone():
+    import torch
+
+    from python_backends.encoders import patch_embedding_as_matmul
+
+    class Stem(torch.nn.Module):
+        def __init__(self, conv):
+            super().__init__()
+            self.conv1 = conv
+
+    for conv in (torch.nn.Conv2d(3, 8, 4, stride=2), torch.nn.Conv2d(3, 8, 4, stride=4, padding=1),
+                 torch.nn.Conv2d(3, 8, 4, stride=4, dilation=2)):
+        stem = Stem(conv)
+        assert not patch_embedding_as_matmul(stem) and stem.conv1 is conv
+    assert not patch_embedding_as_matmul(object())
