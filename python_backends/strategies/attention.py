@@ -13,17 +13,17 @@ from .blocks import GatedCrossAttention, SelfAttentionBlock, trim
 class AttentionFusion(FusionStrategy):
     """hparams: image_width, text_width (token widths of the encoders), dim, heads, layers,
     projector ("flamingo" | "llava"), head (bool), image_tokens (learned image positions; 0 = none),
-    readout ("eot" | "eot+pool"). Modalities: the first is the image (keys),
+    readout ("eot" | "eot+pool"), null_key (a learned "nothing here" key for cross-attention). Modalities: the first is the image (keys),
     the second the text (queries)."""
 
     name = "attention"
     needs_sequences = True
 
     def __init__(self, modalities, embed_dim, image_width=64, text_width=64, dim=128, heads=4, layers=2,
-                 projector="flamingo", head=True, image_tokens=0, readout="eot"):
+                 projector="flamingo", head=True, image_tokens=0, readout="eot", null_key=False):
         super().__init__(modalities, embed_dim, image_width=image_width, text_width=text_width, dim=dim,
                          heads=heads, layers=layers, projector=projector, head=head, image_tokens=image_tokens,
-                         readout=readout)
+                         readout=readout, null_key=null_key)
         if readout not in ("eot", "eot+pool"):
             raise ValueError(f"attention fusion: readout must be eot or eot+pool, got {readout!r}")
         if len(modalities) != 2:
@@ -36,6 +36,9 @@ class AttentionFusion(FusionStrategy):
         else:
             self.image_proj = nn.Linear(image_width, dim)
             self.xattn = nn.ModuleList(GatedCrossAttention(dim, heads) for _ in range(layers))
+        # null_key: one learned key/value beside the image tokens, so that a text token whose object
+        # is not in the image can attend to "nothing" instead of to the closest patch.
+        self.null_kv = nn.Parameter(torch.zeros(1, 1, dim)) if null_key else None
         # Optional learned position of each image token (image_tokens = their number, 0 = none).
         self.image_pos = nn.Parameter(torch.zeros(1, image_tokens, dim)) if image_tokens else None
         self.text_proj = nn.Linear(text_width, dim)
@@ -61,6 +64,9 @@ class AttentionFusion(FusionStrategy):
         kv = self.image_proj(image)
         if self.image_pos is not None:
             kv = kv + self.image_pos
+        if self.null_kv is not None and self.hparams["projector"] == "flamingo":
+            kv = torch.cat([self.null_kv.expand(kv.shape[0], 1, -1), kv], dim=1)
+            image_valid = torch.cat([batch.mask[:, 0:1], image_valid], dim=1)  # only where there is an image
         x = self.text_proj(text)
         # An absent text becomes one learned null token, so image-only rows still have a stream.
         no_text = ~text_valid.any(dim=1)

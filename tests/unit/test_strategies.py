@@ -16,7 +16,7 @@ CASES = {
     "attention": ("attention", {"image_width": WI, "text_width": WT, "dim": 16, "heads": 2, "layers": 2,
                                 "image_tokens": TI}),
     "attention-pool": ("attention", {"image_width": WI, "text_width": WT, "dim": 16, "heads": 2, "layers": 1,
-                                     "readout": "eot+pool"}),
+                                     "readout": "eot+pool", "null_key": True}),
     "attention-llava": ("attention", {"image_width": WI, "text_width": WT, "dim": 16, "heads": 2, "layers": 2,
                                       "projector": "llava"}),
 }
