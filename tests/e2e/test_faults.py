@@ -244,8 +244,8 @@ def test_a_killed_model_process_under_load(fault_server, wire, clean):
     "Triton 2.51 ensemble bug: when one branch of a multi-branch ensemble fails (a step error, a full queue, "
     "a malformed BYTES element) while the other branch is still running, the ensemble request is never "
     "released (one leaked in-flight inference per failed "
-    "request; measured: RSS growth, later requests rejected with a bogus 'unexpected number of string "
-    "elements', and under overload a SIGSEGV). Single-branch ensembles are not affected."))
+    "request; measured: RSS growth, some later requests answered with a wrong 'unexpected number of string "
+    "elements', a SIGSEGV under overload). Single-branch ensembles are not affected. README: Limits and guarantees."))
 def test_a_failing_branch_of_fuse_image_text_leaks_nothing(fault_server, fault_repository, wire):
     """Runs last: it stops the server to read Triton's count of in-flight inferences.
 

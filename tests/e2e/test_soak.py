@@ -100,6 +100,7 @@ def total(memory: dict[str, int]) -> int:
     return sum(memory.values())
 
 
+@pytest.mark.timeout(int(SOAK_SECONDS) + 300)
 def test_sustained_load_has_no_errors_and_no_memory_growth(server):
     pid = server.process.pid
     with Wire(server.grpc_url) as wire:
