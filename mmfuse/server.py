@@ -115,11 +115,14 @@ class ServerConfig:
     model_control_mode: str = "none"  # none | explicit | poll
     load_models: Sequence[str] = ()  # with explicit mode; empty = all ("*")
     log_verbose: int = 0
+    host: str = "0.0.0.0"  # the address every endpoint listens on
     tls: TLSConfig | None = None
     extra_args: Sequence[str] = field(default_factory=tuple)
 
     @classmethod
     def on_free_ports(cls, **kwargs) -> "ServerConfig":
+        """Free ports on the loopback interface only (tests, demo, benchmarks)."""
+        kwargs.setdefault("host", "127.0.0.1")
         return cls(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs)
 
     def command(self, install: TritonInstall) -> list[str]:
@@ -127,6 +130,9 @@ class ServerConfig:
             str(install.binary),
             f"--model-repository={Path(self.model_repository).resolve()}",
             f"--backend-directory={install.backend_dir}",
+            f"--grpc-address={self.host}",
+            f"--http-address={self.host}",
+            f"--metrics-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             f"--http-port={self.http_port}",
             f"--metrics-port={self.metrics_port}",
@@ -218,8 +224,14 @@ class TritonServer:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.kill()
                 self.process.wait()
+        # The python-backend stubs share the server's process group; after a crash or a hung exit
+        # they would outlive it (and keep their memory): end whatever is left of the group.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
