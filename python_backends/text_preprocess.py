@@ -44,7 +44,11 @@ def check_text(data: bytes, max_chars: int) -> tuple[str | None, str]:
 class TextPreprocessor:
     """Handler of the text_preprocess model: TEXT [B,1] -> TOKENS int64 [B,L], VALID, STATUS."""
 
-    inputs = (TensorSpec("TEXT", "O", row_rank=1),)
+    # AFTER: an optional input that is never read. An ensemble maps another branch's output to it
+    # to make the text branch wait for that branch (see fuse_image_text: a Triton 2.51 ensemble
+    # bug loses requests, and can crash the server, when one of two parallel branches fails while
+    # the other still runs).
+    inputs = (TensorSpec("TEXT", "O", row_rank=1), TensorSpec("AFTER", "f", optional=True))
 
     def __init__(self, spec: ClipSpec, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
         self.spec = spec
