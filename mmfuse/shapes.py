@@ -26,7 +26,7 @@ COLOUR_NAMES = tuple(COLOURS)
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "right of", "above", "below")
 KINDS = ("positive", "swapped", "attribute")
-MIN_RADIUS, MAX_RADIUS = 7, 11
+MIN_RADIUS, MAX_RADIUS = 9, 13
 MARGIN = 6  # a relation is only used when the centres differ by at least this many pixels on its axis
 
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5

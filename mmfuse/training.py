@@ -208,6 +208,8 @@ class TrainConfig:
     eval_every: int = 500
     eval_per_kind: int = 200
     extra: dict[str, Any] = field(default_factory=dict)  # strategy hyper-parameter overrides
+    init_head: str | None = None  # start from this head's matching weights
+    init_checkpoint: str | None = None  # --from-scratch: start the encoders from this checkpoint instead
 
 
 def make_optimizer(params: list, modules: list[nn.Module], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -271,10 +273,12 @@ def train_joint(cfg: TrainConfig, progress: Callable[[int, dict[str, float]], No
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    clip = create_clip(cfg.model_name, cfg.seed)
+    clip = create_clip(cfg.model_name, cfg.seed, Path(cfg.init_checkpoint) if cfg.init_checkpoint else None)
     encoders = Encoders(clip)
     embed_dim = int(clip.text_projection.shape[1])
     heads = {cfg.preset: build_preset(cfg.preset, clip, embed_dim, cfg.extra)}
+    if cfg.init_head:
+        warm_start(heads[cfg.preset], Path(cfg.init_head))
     if cfg.preset != "late":
         heads["late"] = build_preset("late", clip, embed_dim)
     image_width, _ = token_widths(clip)
@@ -434,6 +438,8 @@ def train_head(cfg: TrainConfig, clip: nn.Module,
     encoders.requires_grad_(False)
     embed_dim = int(clip.text_projection.shape[1])
     head = build_preset(cfg.preset, clip, embed_dim, cfg.extra)
+    if cfg.init_head:
+        warm_start(head, Path(cfg.init_head))
     optimizer = make_optimizer(list(head.parameters()), [head], cfg)
     featurizer = Featurizer(cfg.model_name)
     rng = np.random.default_rng(cfg.seed)
@@ -453,6 +459,19 @@ def train_head(cfg: TrainConfig, clip: nn.Module,
         if progress is not None:
             progress(step, {"loss": float(loss.detach())})
     return head.eval()
+
+
+def warm_start(head: FusionStrategy, directory: Path) -> list[str]:
+    """Copy every parameter of a trained head whose name and shape match; return the ones copied."""
+    from safetensors.torch import load_file
+
+    from python_backends.strategies.base import HEAD_WEIGHTS
+
+    source = load_file(str(directory / HEAD_WEIGHTS))
+    target = head.state_dict()
+    copied = [k for k, v in source.items() if k in target and target[k].shape == v.shape]
+    head.load_state_dict({**target, **{k: source[k] for k in copied}})
+    return copied
 
 
 def full_evaluation(clip: nn.Module, heads: dict[str, FusionStrategy], model_name: str, seed: int,

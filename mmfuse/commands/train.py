@@ -37,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--eval-per-kind", type=int, default=300, help="fresh examples per kind for the final evaluation")
     p.add_argument("--eval-every", type=int, default=0,
                    help="--from-scratch: evaluate every N steps (recorded in the head's JSON)")
+    p.add_argument("--init-head", help="start from this head folder's matching weights")
+    p.add_argument("--init-checkpoint", help="--from-scratch: start the encoders from this checkpoint")
     p.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                    help="strategy hyper-parameter override, e.g. --option layers=3 (repeatable)")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
@@ -83,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         preset=args.strategy, model_name=args.model_name, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, modality_dropout=args.modality_dropout,
         curriculum_steps=args.curriculum_steps, threads=args.threads, eval_every=args.eval_every,
-        extra=_options(args.option))
+        extra=_options(args.option), init_head=args.init_head, init_checkpoint=args.init_checkpoint)
     command = "mmfuse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     started = time.monotonic()
     history: list = []

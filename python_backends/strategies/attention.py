@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import FusionBatch, FusionOutput, FusionStrategy, last_valid, register
+from .base import FusionBatch, FusionOutput, FusionStrategy, last_valid, masked_mean, register
 from .blocks import GatedCrossAttention, SelfAttentionBlock, trim
 
 
@@ -13,7 +13,7 @@ from .blocks import GatedCrossAttention, SelfAttentionBlock, trim
 class AttentionFusion(FusionStrategy):
     """hparams: image_width, text_width (token widths of the encoders), dim, heads, layers,
     projector ("flamingo" | "llava"), head (bool), image_tokens (learned image positions; 0 = none),
-    readout ("eot" | "eot+pool"), null_key (a learned "nothing here" key for cross-attention). Modalities: the first is the image (keys),
+    readout ("eot" | "eot+pool" | "eot+mean"), null_key (a learned "nothing here" key for cross-attention). Modalities: the first is the image (keys),
     the second the text (queries)."""
 
     name = "attention"
@@ -24,8 +24,8 @@ class AttentionFusion(FusionStrategy):
         super().__init__(modalities, embed_dim, image_width=image_width, text_width=text_width, dim=dim,
                          heads=heads, layers=layers, projector=projector, head=head, image_tokens=image_tokens,
                          readout=readout, null_key=null_key)
-        if readout not in ("eot", "eot+pool"):
-            raise ValueError(f"attention fusion: readout must be eot or eot+pool, got {readout!r}")
+        if readout not in ("eot", "eot+pool", "eot+mean"):
+            raise ValueError(f"attention fusion: readout must be eot, eot+pool or eot+mean, got {readout!r}")
         if len(modalities) != 2:
             raise ValueError("attention fusion takes two modalities: image (keys) and text (queries)")
         if projector not in ("flamingo", "llava"):
@@ -44,10 +44,11 @@ class AttentionFusion(FusionStrategy):
         self.text_proj = nn.Linear(text_width, dim)
         self.null_text = nn.Parameter(torch.zeros(1, 1, dim))
         self.self_attn = nn.ModuleList(SelfAttentionBlock(dim, heads) for _ in range(layers))
-        # readout "eot+pool": the end-of-text state plus an attention pooling over all text states
-        # (a learned query), so that a verdict formed at any token can reach the score directly.
+        # readout "eot+pool" / "eot+mean": the end-of-text state plus an attention pooling (a learned
+        # query) or the mean of all text states, so that verdicts formed at any token (e.g. "this named
+        # object is not in the image", at either noun) reach the score directly.
         self.pool_query = nn.Parameter(torch.zeros(dim)) if readout == "eot+pool" else None
-        width = 2 * dim if readout == "eot+pool" else dim
+        width = dim if readout == "eot" else 2 * dim
         self.ln = nn.LayerNorm(width)
         self.out = nn.Linear(width, embed_dim)
         self.head = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, 1)) if head else None
@@ -89,6 +90,8 @@ class AttentionFusion(FusionStrategy):
         if self.pool_query is not None:
             weights = (x @ self.pool_query / self.pool_query.shape[0] ** 0.5).masked_fill(~text_valid, float("-inf"))
             pooled = torch.cat([pooled, (torch.softmax(weights, dim=1).unsqueeze(-1) * x).sum(1)], dim=-1)
+        elif self.hparams["readout"] == "eot+mean":
+            pooled = torch.cat([pooled, masked_mean(x, text_valid)], dim=-1)
         pooled = self.ln(pooled)
         logit = self.head(pooled).squeeze(-1) if self.head is not None else None
         return FusionOutput(F.normalize(self.out(pooled), dim=-1), logit, batch.mask.clone(), x)
