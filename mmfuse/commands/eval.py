@@ -39,11 +39,11 @@ def register(sub) -> None:
     p.add_argument("--corruptions", nargs="+", choices=list(CORRUPTIONS), help="default: all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ensembles", nargs="+", help="ensembles to load (default: every served ensemble)")
-    p.add_argument("--concurrencies", type=_ints, help="closed-loop concurrencies (default 1,2,4,8; quick 1,4)")
+    p.add_argument("--concurrencies", type=_ints, help="closed-loop concurrencies (default 1,4,8; quick 1,4)")
     p.add_argument("--rates", type=_floats, help="open-loop request rates per second (default: 25, 50 and 90 %% of "
                                                 "the best closed-loop throughput)")
     p.add_argument("--load-requests", type=int, help="at most this many requests per load run (default 300)")
-    p.add_argument("--load-seconds", type=float, help="at most this long per load run (default 3)")
+    p.add_argument("--load-seconds", type=float, help="at most this long per load run, in seconds (default 2)")
     p.add_argument("--no-robustness", action="store_true", help="performance only")
     p.add_argument("--no-load", action="store_true", help="robustness only")
     p.set_defaults(func=run)

@@ -175,10 +175,12 @@ def fit_late_head(cache: EmbeddingCache, calibration: Dataset, out_dir: Path, se
     return Head("late (fitted)", "late", path.resolve(), "fitted by mmfuse eval", {**module.describe(), **record})
 
 
-def evaluate_strategy(client, options, head: Head, switcher, conds: list[Condition], data: Dataset,
+def evaluate_strategy(client, options, head: Head | None, switcher, conds: list[Condition], data: Dataset,
                       batch: int, in_flight: int, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Serve ``head``, send every condition's rows through fuse_image_text; SCORE per condition key."""
-    switcher.use(head)
+    """Serve ``head`` (None: what the server serves), send every condition's rows through fuse_image_text;
+    SCORE per condition key."""
+    if head is not None:
+        switcher.use(head)
     images = [x for c in conds for x in c.images]
     texts = [t for c in conds for t in c.texts]
     out = run_rows(client, options, ENSEMBLE, {"IMAGE": images, "TEXT": texts}, ["SCORE", "MODALITY_MASK"],

@@ -13,7 +13,8 @@ import numpy as np
 from . import corruptions as C
 from . import load as L
 from . import robustness as R
-from .serving import ENSEMBLE, Head, Switcher, describe_machine, discover_heads, server_pid_for_port
+from .serving import (ENSEMBLE, Head, Switcher, describe_machine, discover_heads, server_pid_for_port,
+                      served_outputs)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -26,17 +27,17 @@ class EvalConfig:
     heads: list[Path] = field(default_factory=list)  # more head folders
     quick: bool = False
     per_kind: int = 24
-    calibration_per_kind: int = 48
+    calibration_per_kind: int = 64
     levels: tuple[float, ...] = C.LEVELS
     corruptions: tuple[str, ...] = tuple(C.CORRUPTIONS)
     seed: int = 0
-    batch: int = 16
-    in_flight: int = 2
+    batch: int = 32
+    in_flight: int = 3
     ensembles: tuple[str, ...] = ()  # () = every served ensemble
-    concurrencies: tuple[int, ...] = (1, 2, 4, 8)
+    concurrencies: tuple[int, ...] = (1, 4, 8)
     rates: tuple[float, ...] = ()  # () = 25 %, 50 %, 90 % of the best closed-loop throughput
     load_requests: int = 300
-    load_seconds: float = 3.0
+    load_seconds: float = 2.0
     timeout_s: float = 60.0
     robustness: bool = True
     load: bool = True
@@ -63,6 +64,10 @@ def _bar(total: int, desc: str):
 def _host_port(url: str) -> tuple[str, int]:
     host, _, port = url.rpartition(":")
     return host, int(port)
+
+
+def _control_refused(message: str) -> bool:
+    return any(m in message for m in ("explicit model load", "polling is enabled", "not allowed"))
 
 
 def served_ensembles(client) -> list[str]:
@@ -175,22 +180,34 @@ def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository
     strategies: dict[str, dict] = {}
     all_scores: dict[str, dict[str, np.ndarray]] = {}
     failed: dict[str, str] = {}
-    for head in heads:
-        bar = _bar(len(conds) * len(data), f"{head.name}: fuse_image_text")
+    todo: list[Head | None] = list(heads)
+    while todo:
+        head = todo.pop(0)
+        name = head.name if head is not None else f"served ({switcher.served_head()})"
+        bar = _bar(len(conds) * len(data), f"{name}: fuse_image_text")
         try:
             scores = R.evaluate_strategy(client, options, head, switcher, conds, data, cfg.batch, cfg.in_flight,
                                          bar.update)
         except Exception as error:  # noqa: BLE001 - one head that does not load must not end the evaluation
-            failed[head.name] = f"{type(error).__name__}: {error}"
-            say(f"{head.name}: not evaluated: {failed[head.name]}")
+            failed[name] = f"{type(error).__name__}: {error}"
+            say(f"{name}: not evaluated: {failed[name]}")
+            if head is not None and _control_refused(str(error)):
+                failed = {h.name: "the server does not allow model control (start it with --model-control-mode "
+                                  "explicit)" for h in heads}
+                switcher.changed = False
+                todo = [None] if "SCORE" in served_outputs(client, ENSEMBLE) else []
+                say("no model control: evaluating what the server serves" if todo else
+                    f"no model control and the served {ENSEMBLE} has no SCORE: nothing to evaluate")
             continue
         finally:
             bar.close()
-        all_scores[head.name] = scores
-        strategies[head.name] = R.figures(scores, data, names, levels)
-        clean = strategies[head.name]["clean"]
-        say(f"{head.name}: clean balanced accuracy {clean['balanced']:.3f} "
+        all_scores[name] = scores
+        strategies[name] = R.figures(scores, data, names, levels)
+        clean = strategies[name]["clean"]
+        say(f"{name}: clean balanced accuracy {clean['balanced']:.3f} "
             f"({', '.join(f'{k} {v:.2f}' for k, v in clean['by_kind'].items())})")
+        if head is None:
+            heads.append(Head(name, "served", Path("."), "served as is", {}))
     base_name = baseline.name if baseline.name in strategies else None
     R.compare(strategies, single_fig, base_name, names, levels)
     np.savez_compressed(
@@ -253,7 +270,8 @@ def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher:
         for h in robustness["heads"]:
             if h["name"] not in robustness["strategies"]:
                 continue
-            switcher.use(Head(h["name"], h["strategy"], Path(h["path"]), h["source"], {"hparams": h["hparams"]}))
+            if h["strategy"] != "served":
+                switcher.use(Head(h["name"], h["strategy"], Path(h["path"]), h["source"], {"hparams": h["hparams"]}))
             L.warm_up(client, options, ENSEMBLE, pools[ENSEMBLE], outputs)
             run = L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency, cfg.load_requests,
                             cfg.load_seconds, pid, cfg.timeout_s)

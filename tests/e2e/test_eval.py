@@ -269,3 +269,44 @@ def test_markdown_and_plots(report_dir, report):
         assert f"({name}.png)" in md
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width >= 600 and image.height >= 300
+
+
+def _eval(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mmfuse.cli", "eval", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_running_server_gets_its_configs_back(eval_repository, tmp_path_factory):
+    """--url: the heads are switched on the given server, whose served configs are put back afterwards."""
+    import tritonclient.grpc as grpcclient
+
+    from tests.e2e.conftest import start_server
+
+    server = start_server(eval_repository, tmp_path_factory.mktemp("eval-url-logs") / "tritonserver",
+                          model_control_mode="explicit")
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        before = {m: client.get_model_config(m).config for m in ("fusion", "fuse_image_text")}
+        out = tmp_path_factory.mktemp("eval-url")
+        done = _eval("--out", str(out), "--url", server.grpc_url, "--quick", "--no-load", "--corruptions", "dropout",
+                     "--levels", "0,1", "--model-repository", str(eval_repository))
+        assert done.returncode == 0, done.stderr[-4000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["server"]["pid"] == server.process.pid and not report["server"]["embedded"]
+        assert set(report["robustness"]["strategies"]) == set(HEADS)
+        assert {m: client.get_model_config(m).config for m in before} == before
+        assert client.is_model_ready("fuse_image_text")
+    finally:
+        server.stop()
+
+
+def test_server_without_model_control_is_evaluated_as_served(server, eval_repository, tmp_path):
+    """The session server (no model control, late fusion without a head: no SCORE): nothing to switch, said so."""
+    done = _eval("--out", str(tmp_path), "--url", server.grpc_url, "--quick", "--no-load", "--corruptions", "dropout",
+                 "--levels", "0,1", "--model-repository", str(eval_repository))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "no model control and the served fuse_image_text has no SCORE" in done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["robustness"]["strategies"] == {}
+    assert set(report["robustness"]["not_evaluated"]) == {"late", "early", "attention"}
+    assert (tmp_path / "report.md").is_file()
