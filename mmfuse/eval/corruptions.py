@@ -4,8 +4,9 @@ Every corruption is a pure function ``(value, p, rng) -> value`` of one row; ``p
 input unchanged, and the same seed gives the same corrupted inputs everywhere (the evaluation, its
 tests, a rerun). Every level uses the same random draws (common random numbers: the generator of a
 corruption does not depend on p, and each row consumes the same draws whatever p is), so a row hit at
-p is hit at every higher p, and a curve's steps are the corruption's, not resampling noise. Images travel as encoded bytes (PNG from the shapes benchmark), exactly what a
-client sends; an empty result means the modality is missing for that row.
+p is hit at every higher p, and a curve's steps are the corruption's, not resampling noise. Images
+travel as encoded bytes (PNG from the shapes benchmark), exactly what a client sends; an empty result
+means the modality is missing for that row.
 
 ==============  =====  ========================================================================
 name            kind   level p

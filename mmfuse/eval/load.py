@@ -7,9 +7,10 @@ is measured per run:
 * client side: requests sent, completed, errors by gRPC status, throughput (completed / wall time),
   latency p50 / p95 / p99 / mean from the moment a request is handed to gRPC to its response (as
   perf_analyzer measures it);
-* server memory: resident memory of the server's process tree (tritonserver and its python-backend
-  stubs) sampled every 50 ms: idle before the run, peak during it, and (peak - idle) / the most
-  requests in flight at once ("memory per request");
+* server memory, of the server's process tree (tritonserver and its python-backend stubs): the
+  proportional set size before the run (PSS: each shared page split between the processes that map
+  it; a sum of RSS would count torch's libraries once per stub), and the resident memory sampled
+  every 50 ms: (peak - before) / the most requests in flight at once ("memory per request");
 * Triton's statistics API, the difference over the run: per composing model of the ensemble, requests,
   executions, queue and compute time per request, and the batch sizes that dynamic batching formed;
   the fusion step's (queue + compute) share of the ensemble's end-to-end time.
@@ -24,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .serving import tree_rss_bytes
+from .serving import tree_pss_bytes, tree_rss_bytes
 
 FUSION_MODELS = ("fusion", "fusion_pooled", "fusion_image_text_tabular")
 
@@ -43,6 +44,7 @@ class Run:
     late_sends: int = 0  # open loop: sends more than 5 ms behind schedule
     rss_idle: int | None = None
     rss_peak: int | None = None
+    pss_idle: int | None = None
     steps: dict[str, dict[str, Any]] = field(default_factory=dict)
     ensemble_stats: dict[str, Any] = field(default_factory=dict)
 
@@ -66,7 +68,8 @@ class Run:
             "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
                            "mean": round(float(lat.mean()), 3) if len(lat) else None},
             "max_in_flight": self.max_in_flight, "late_sends": self.late_sends,
-            "memory": {"idle_rss_bytes": self.rss_idle, "peak_rss_bytes": self.rss_peak,
+            "memory": {"idle_pss_bytes": self.pss_idle, "idle_rss_bytes": self.rss_idle,
+                       "peak_rss_bytes": self.rss_peak,
                        "bytes_per_request_in_flight": None if per_request is None else int(per_request)},
             "server": {"ensemble": self.ensemble_stats, "steps": self.steps, "fusion_share": share},
         }
@@ -301,6 +304,7 @@ def measure(client, url: str, ensemble: str, pool: list, outputs: Sequence[str],
     run = Run(ensemble, mode, load)
     models = [ensemble] + composing_models(client, ensemble)
     sampler = MemorySampler(server_pid)
+    run.pss_idle = tree_pss_bytes(server_pid) if server_pid else None
     run.rss_idle = sampler.idle()
     before = statistics(client)
     with sampler:

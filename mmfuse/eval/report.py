@@ -34,6 +34,10 @@ def _mib(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**20:.1f}"
 
 
+def _kib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 1024:.0f}"
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -56,7 +60,8 @@ def plot_robustness(rob: dict, path: Path) -> None:
             style = "--" if s == rob["baseline"] else "-"
             label = f"{s} (late-fusion baseline)" if s == rob["baseline"] else s
             ax.plot(curve["levels"], curve["balanced"], style, marker="o", ms=3, color=colours[s], label=label)
-            flagged = [(p, a) for p, a in zip(curve["levels"], curve["balanced"]) if p in curve.get("flagged_levels", [])]
+            flagged = [(p, a) for p, a in zip(curve["levels"], curve["balanced"])
+                       if p in curve.get("flagged_levels", [])]
             if flagged:
                 ax.plot(*zip(*flagged), "x", color="red", ms=8, mew=2)
         single = rob["strategies"][strategies[0]]["curves"][name].get("single_modality") if strategies else None
@@ -258,7 +263,7 @@ def plot_breakdown(load: dict, path: Path) -> None:
     ax.barh(y, queue, color="tab:red", label="queue")
     ax.barh(y, compute, left=queue, color="tab:blue", label="compute (input + infer + output)")
     ax.set_yticks(y, labels)
-    ax.invert_yaxis()
+    ax.set_ylim(len(labels) - 0.5, -0.5)  # top to bottom, row for row with the heat map
     ax.set_xlabel("ms per request (server statistics)")
     ax.set_title("Per-step time at the highest concurrency")
     ax.legend(fontsize=8)
@@ -304,7 +309,11 @@ def _robustness_md(rob: dict, lines: list[str]) -> None:
     heads = {h["name"]: h for h in rob["heads"]}
     for s, fig in rob["strategies"].items():
         c = fig["clean"]
-        auc = lambda group: _num(float(np.mean([fig["curves"][n]["relative_robustness"] for n in group])), 3) if group else "-"  # noqa: E731
+
+        def auc(group: list[str]) -> str:
+            values = [fig["curves"][n]["relative_robustness"] for n in group]
+            return _num(float(np.mean(values)), 3) if values else "-"
+
         ers = [fig["curves"][n].get("effective_robustness_mean") for n in names]
         er = "(baseline)" if s == rob["baseline"] else (_num(float(np.mean(ers)), 3) if None not in ers else "-")
         absent = {k: fig["conditions"].get(f"dropout_{k}@1.0", {}).get("balanced") for k in ("image", "text")}
@@ -334,7 +343,12 @@ def _robustness_md(rob: dict, lines: list[str]) -> None:
     lines += ["| strategy | retention, image absent | retention, text absent |", "| --- | --- | --- |"]
     for s, fig in rob["strategies"].items():
         r = fig["retention"]
-        cell = lambda k: ("n/a" if r.get(k, {}).get("retention") is None else f"{r[k]['retention']:.2f}") if k in r else "-"  # noqa: E731
+
+        def cell(key: str) -> str:
+            if key not in r:
+                return "-"
+            return "n/a" if r[key]["retention"] is None else f"{r[key]['retention']:.2f}"
+
         lines.append(f"| {s} | {cell('image_absent')} | {cell('text_absent')} |")
     lines += [
         "", "**Catastrophic degradation**: a strategy is flagged at a level where its balanced accuracy is below "
@@ -377,20 +391,22 @@ def _load_md(load: dict, lines: list[str]) -> None:
         f"One-row requests from a pool of real inputs, over loopback gRPC (asyncio tritonclient), each run bounded to "
         f"{b['requests']} requests and {b['seconds']:g} s. Closed loop: a fixed number of requests in flight "
         "(concurrency). Open loop: requests sent on a fixed schedule whatever the answers (at most 256 outstanding). "
-        "Latency from hand-over to gRPC to the response. Memory: resident memory of the server's process tree "
-        "(tritonserver + python-backend stubs), sampled every 50 ms; per request = (peak - idle) / most requests "
-        "in flight.", "",
-        "| ensemble | load | sent | req/s | p50 ms | p95 ms | p99 ms | errors | idle MiB | peak MiB | KiB per request | "
-        "fusion share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "Latency from hand-over to gRPC to the response. Memory of the server's process tree (tritonserver and its "
+        "python-backend stubs): its proportional set size before the run (PSS: shared pages split between the "
+        "processes that map them), the growth of its resident memory (RSS sampled every 50 ms: peak - before), and "
+        "that growth per request in flight (most requests in flight at once).", "",
+        "| ensemble | load | sent | req/s | p50 ms | p95 ms | p99 ms | errors | server PSS MiB | RSS growth KiB | "
+        "KiB per request | fusion share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in load["runs"]:
         loadtxt = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate_per_s']:g}/s"
         mem = r["memory"]
         per = mem["bytes_per_request_in_flight"]
+        growth = None if mem["peak_rss_bytes"] is None else mem["peak_rss_bytes"] - mem["idle_rss_bytes"]
         errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "0"
         lines.append(
             f"| {r['ensemble']} | {loadtxt} | {r['sent']} | {_num(r['throughput_per_s'])} | {_num(r['latency_ms']['p50'])} | "
-            f"{_num(r['latency_ms']['p95'])} | {_num(r['latency_ms']['p99'])} | {errors} | {_mib(mem['idle_rss_bytes'])} | "
-            f"{_mib(mem['peak_rss_bytes'])} | {'-' if per is None else f'{per / 1024:.0f}'} | "
+            f"{_num(r['latency_ms']['p95'])} | {_num(r['latency_ms']['p99'])} | {errors} | {_mib(mem.get('idle_pss_bytes'))} | "
+            f"{_kib(growth)} | {_kib(per)} | "
             f"{_pct(r['server']['fusion_share'])} |")
     lines += ["", "Fusion share: the fusion step's queue + compute time per request over the ensemble's end-to-end "
               "time per request (Triton's statistics API).", "",
@@ -401,8 +417,8 @@ def _load_md(load: dict, lines: list[str]) -> None:
     for e in dict.fromkeys(r["ensemble"] for r in load["runs"]):
         run = _top_closed(load, e)
         es = run["server"]["ensemble"]
-        lines.append(f"| {e} (c={run['concurrency']}) | *end to end* | {es['requests']} | | | | | | | "
-                     f"{es['request_us'] / 1000:.2f} ms per request |")
+        lines.append(f"| **{e}** (c={run['concurrency']}) | end to end: {es['request_us'] / 1000:.2f} ms per request | "
+                     f"{es['requests']} | | | | | | | |")
         for step, s in run["server"]["steps"].items():
             sizes = ", ".join(f"{k}x{v}" for k, v in s["batch_sizes"].items())
             lines.append(f"| | {step} | {s['requests']} | {s['executions']} | {s['queue_us'] / 1000:.2f} | "

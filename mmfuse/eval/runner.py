@@ -272,7 +272,9 @@ def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher:
                 continue
             if h["strategy"] != "served":
                 switcher.use(Head(h["name"], h["strategy"], Path(h["path"]), h["source"], {"hparams": h["hparams"]}))
-            L.warm_up(client, options, ENSEMBLE, pools[ENSEMBLE], outputs)
+            # A freshly loaded fusion model's first requests are slow: a discarded run first.
+            L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency,
+                      min(50, cfg.load_requests), cfg.load_seconds, None, cfg.timeout_s)
             run = L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency, cfg.load_requests,
                             cfg.load_seconds, pid, cfg.timeout_s)
             summary = run.summary()

@@ -226,6 +226,20 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
+def tree_pss_bytes(pid: int) -> int | None:
+    """Proportional set size of a process tree (shared pages split between the processes that map them)."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            return None
+    return total
+
+
 def describe_machine() -> dict[str, Any]:
     import platform
 
