@@ -213,3 +213,34 @@ def test_overlapping_or_padded_stems_are_left_alone():
         stem = Stem(conv)
         assert not patch_embedding_as_matmul(stem) and stem.conv1 is conv
     assert not patch_embedding_as_matmul(object())
+
+
+# -- text transformer run sequence-first ---------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sequence_first_text_transformer_gives_the_same_outputs(open_clip_tiny, tiny_tokenizer, precision):
+    import torch
+
+    from python_backends.encoders import encode_text
+    from python_backends.openclip_models import load_clip
+
+    spec = ClipSpec(TINY, allow_random_init=True, seed=5, precision=precision)
+    encoder = TextEncoder(spec)
+    assert encoder.sequence_first and not encoder.model.transformer.batch_first
+    reference = load_clip(spec)  # the same seeded weights, batch-first as open_clip builds it
+    assert reference.transformer.batch_first
+    tokens = tiny_tokenizer(["a cat", "two dogs playing on a red sofa in the sun", "x"]).numpy()
+    got = encoder({"TOKENS": tokens}, frozenset({"EMBEDDING", "SEQUENCE"}))
+    with torch.inference_mode():
+        pooled, sequence = encode_text(reference, torch.from_numpy(tokens), trim=True)
+        pooled = torch.nn.functional.normalize(pooled.float(), dim=-1).numpy()
+    length = sequence.shape[1]
+    real = (np.arange(length)[None, :] <= tokens.argmax(axis=1)[:, None])[:, :, None]
+    expected_sequence = sequence.float().numpy() * real
+    if precision == "fp32":  # the same products, blocked differently: equal to float rounding
+        np.testing.assert_allclose(got["EMBEDDING"], pooled, atol=1e-5)
+        np.testing.assert_allclose(got["SEQUENCE"][:, :length], expected_sequence, atol=1e-4)
+    else:
+        assert cosine_rows(got["EMBEDDING"], pooled).min() >= 0.9999
+        keep = real.reshape(-1)  # padding rows are zeros in both
+        assert cosine_rows(got["SEQUENCE"][:, :length].reshape(-1, sequence.shape[2])[keep],
+                           expected_sequence.reshape(-1, sequence.shape[2])[keep]).min() >= 0.999
