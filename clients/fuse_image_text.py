@@ -11,6 +11,7 @@ Outputs (numpy arrays):
     fused            FUSED            FP32 [B, -1] -> float32
     modality_mask    MODALITY_MASK    BOOL [B, 2] -> bool
     modality_status  MODALITY_STATUS  BYTES [B, 2] -> object (bytes)
+    score            SCORE            FP32 [B, 1] -> float32
 
     from clients.fuse_image_text import FuseImageTextClient
     with FuseImageTextClient("127.0.0.1:8001") as client:
@@ -36,6 +37,7 @@ SPEC = EnsembleSpec(
         TensorSpec("FUSED", "FP32", (-1,), "fused"),
         TensorSpec("MODALITY_MASK", "BOOL", (2,), "modality_mask"),
         TensorSpec("MODALITY_STATUS", "BYTES", (2,), "modality_status"),
+        TensorSpec("SCORE", "FP32", (1,), "score"),
     ),
 )
 
@@ -51,6 +53,7 @@ class FuseImageTextResponse:
     fused: np.ndarray  # FUSED: FP32 [B, -1] -> float32
     modality_mask: np.ndarray  # MODALITY_MASK: BOOL [B, 2] -> bool
     modality_status: np.ndarray  # MODALITY_STATUS: BYTES [B, 2] -> object (bytes)
+    score: np.ndarray  # SCORE: FP32 [B, 1] -> float32
 
 
 class FuseImageTextClient(EnsembleClient[FuseImageTextRequest, FuseImageTextResponse]):
