@@ -78,25 +78,27 @@ PROFILES: dict[str, dict[str, Tuning]] = {
     "cpu": {
         "image_preprocess": Tuning(
             count=1, delay_us=2000, params={"decode_threads": "2"},
-            why="decode+resize is ~5 ms of one core per 640x480 JPEG against ~35 ms for the bf16 ViT-B-32 "
-                "image tower: one instance keeps up; 2 decode threads (PIL frees the GIL) so that a batch "
-                "is ready while the encoders run; 2 ms delay gathers a batch without adding a visible wait"),
+            why="decode + resize of a 640x480 JPEG is ~5 ms of one core (decode 1.7, resize 3.0, exact tensor tail "
+                "0.1) against ~25-35 ms for the bf16 ViT-B-32 image tower: one instance keeps up; 2 decode threads "
+                "(PIL frees the GIL) measured the same as 1 when the encoders hold both cores, and lower latency "
+                "when a core is free; 2 ms gathers the rows of concurrent requests"),
         "image_encoder": Tuning(
             count=2, preferred=(4, 8), delay_us=5000,
             params={"precision": "bf16", "torch_threads": "1"},
-            why="bf16 (the CPU's bf16 matrix units) ~4-5x fp32 at cosine > 0.99; one torch thread per "
-                "instance and one instance per core: with 2 threads per process OpenMP teams spin against "
-                "each other and the other processes (decode, text, Triton) on 2 cores; preferred 4/8 and "
-                "5 ms: batches of 4+ run at full matmul rate (batch 1 is ~15% slower per image) while a "
-                "batch of 8 still finishes in ~0.3 s (p99/p50)"),
+            why="bf16 (the CPU's bf16 matrix units): 2.8x fp32 in-process at cosine 0.9999; one torch thread "
+                "per instance, one instance per core: one instance of 2 threads served 4.5 img/s where two of "
+                "one thread served 17 (same run, other work on the machine: OpenMP teams spin against the other "
+                "processes); one thread, bf16: batch 1 ~20 img/s, 4 ~28, 16 ~30: preferred 4/8 and 5 ms take "
+                "most of the batching gain while a batch of 8 still ends in ~0.3 s"),
         "text_preprocess": Tuning(
             count=1, delay_us=1000,
             why="tokenising is ~50 us per caption: one instance, short delay"),
         "text_encoder": Tuning(
             count=1, preferred=(8, 16), delay_us=3000,
             params={"precision": "bf16", "torch_threads": "1", "trim_text_tokens": "true"},
-            why="short captions trimmed to the longest one (~14 tokens instead of 77) make the text tower "
-                "~1/10 of the image tower's work: one single-threaded bf16 instance keeps up"),
+            why="short captions trimmed to the longest one (11 tokens instead of 77: 6x fewer FLOPs) and run "
+                "sequence-first: bf16 ~170-240 captions/s on one thread (fp32 ~55), a tenth of the image work: "
+                "one single-threaded instance keeps up"),
     },
     # GPU (KIND_GPU): fp16 towers on the device, large batches; preprocessing stays on the CPU.
     "gpu": {
@@ -1149,8 +1151,8 @@ def table(result: dict[str, Any]) -> str:
         f"| limit used | {limit['dtype']}: {limit['why']} |",
         "",
         "| ensemble | served items/s | limit items/s | served/limit | naive items/s | served/naive | baseline items/s | "
-        "served/baseline | p50 ms | p95 ms | p99 ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "served/baseline | p50 ms | p95 ms | p99 ms | server cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for ensemble in ("embed_image", "fuse_image_text", "embed_text"):
         e = s.get(ensemble)
@@ -1160,10 +1162,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(
             f"| {ensemble} | {e['served_per_s']:.1f} | {e['limit_per_s']:.1f} | {e['served_over_limit']:.2f} | "
             f"{_f(e.get('naive_per_s'))} | {_f(e.get('served_over_naive'), '.1f', 'x')} | {_f(e.get('baseline_per_s'))} | "
-            f"{_f(e.get('served_over_baseline'), '.1f', 'x')} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} |")
+            f"{_f(e.get('served_over_baseline'), '.1f', 'x')} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | "
+            f"{_f(r.get('server_cpu_cores'), '.2f')} |")
     plan = result["options"]["plan"]
     lines.append(f"(closed loop: {plan['concurrency']} requests in flight of {plan['rows']} rows, "
-                 f"{plan['duration_s']:.0f} s after {plan['warmup_s']:.0f} s warm-up; loopback gRPC)")
+                 f"{plan['duration_s']:.0f} s after {plan['warmup_s']:.0f} s warm-up; loopback gRPC; server cores: CPU "
+                 f"time of tritonserver and its model processes per second, of {m['cores']})")
     if "at_load" in s:
         a = s["at_load"]
         lines += ["", f"fuse_image_text at {a['load_fraction']:.0%} of its peak ({a['items_per_s_offered']:.1f} items/s, "
