@@ -1,4 +1,4 @@
-"""What a running tritonserver's processes look like, read from /proc (Linux).
+"""What a running tritonserver's processes look like, read from /proc (Linux): used by the stub watchdog and the tests.
 
 Each Python-backend model instance runs in its own ``triton_python_backend_stub`` child process of
 tritonserver; its command line ends with ``<instance name> <kind>``, e.g. ``text_encoder_0_0 DEFAULT``.
@@ -23,11 +23,14 @@ class Stub:
 
 
 def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return [int(p) for p in path.read_text().split()]
-    except FileNotFoundError:
-        return []
+    """Child processes of every thread of ``pid`` (tritonserver starts stubs from several threads)."""
+    out: list[int] = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            out += [int(p) for p in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return sorted(set(out))
 
 
 def state(pid: int) -> str:

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -250,7 +251,68 @@ class TritonServer:
         self.stop()
 
 
-def serve_foreground(config: ServerConfig) -> int:
+class StubWatchdog(threading.Thread):
+    """Brings back Python models whose process died.
+
+    Triton 2.51 does not restart a python-backend stub that dies (killed, out of memory): every
+    request to that model then fails, while the model and the server keep reporting ready. Every
+    ``interval`` seconds the watchdog looks at tritonserver's children; when a stub it knew is gone
+    (a zombie, or vanished while its model is still listed as ready) it reloads that model through
+    the repository API (explicit model control), which starts a new stub. In the other control modes
+    Triton cannot reload a single model, so the watchdog stops the server instead (exit code 3),
+    for the supervisor (compose, Kubernetes) to restart it: an honest failure instead of a ready
+    server that cannot answer.
+    """
+
+    def __init__(self, server: "TritonServer", interval: float = 2.0):
+        super().__init__(name="mmfuse-stub-watchdog", daemon=True)
+        self.server = server
+        self.interval = interval
+        self.stop_event = threading.Event()
+        self.known: dict[int, str] = {}  # pid -> model
+        self.recoveries: list[str] = []
+        self.gave_up = False
+
+    def _reload(self, model: str) -> bool:
+        url = f"http://127.0.0.1:{self.server.config.http_port}/v2/repository/models/{model}/load"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=120) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def check(self) -> list[str]:
+        """One look; returns the models found dead (and recovered or not)."""
+        from . import processes
+
+        pid = self.server.process.pid
+        live = {stub.pid: stub.model for stub in processes.stubs(pid).values()}
+        dead_pids = set(processes.zombies(pid)) | (set(self.known) - set(live) - set(processes.children(pid)))
+        dead = sorted({self.known[p] for p in dead_pids if p in self.known})
+        for model in dead:
+            print(f"mmfuse: the process of model '{model}' died; "
+                  + ("reloading it" if self.server.config.model_control_mode == "explicit" else
+                     "stopping the server (exit 3) so that it is restarted"), file=sys.stderr, flush=True)
+            if self.server.config.model_control_mode == "explicit" and self._reload(model):
+                self.recoveries.append(model)
+                continue
+            self.gave_up = True
+            self.server.process.send_signal(signal.SIGTERM)
+            break
+        self.known = {p: m for p, m in {**self.known, **live}.items() if p in live}
+        return dead
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            if self.server.process.poll() is not None:
+                return
+            try:
+                self.check()
+            except Exception as error:  # noqa: BLE001 - the watchdog must never take the server down
+                print(f"mmfuse: stub watchdog: {error}", file=sys.stderr)
+
+
+def serve_foreground(config: ServerConfig, watchdog: bool = True) -> int:
     """``mmfuse serve``: run tritonserver in the foreground; SIGTERM/SIGINT stop it cleanly."""
     server = TritonServer(config).start()
     assert server.process is not None
@@ -261,5 +323,12 @@ def serve_foreground(config: ServerConfig) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    dog = StubWatchdog(server) if watchdog and sys.platform.startswith("linux") else None
+    if dog is not None:
+        dog.start()
     code = server.process.wait()
+    if dog is not None:
+        dog.stop_event.set()
+        if dog.gave_up:
+            return 3
     return 0 if code in (0, -signal.SIGTERM) else code

@@ -17,6 +17,8 @@ def register(sub) -> None:
     p.add_argument("--model-control-mode", choices=("none", "explicit", "poll"), default="none",
                    help="explicit: models can be reloaded live through the repository API")
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--no-watchdog", action="store_true",
+                   help="do not watch for dead python-model processes (see README: Limits and guarantees)")
     p.add_argument("--tls-cert", help="gRPC TLS: server certificate (PEM)")
     p.add_argument("--tls-key", help="gRPC TLS: server private key (PEM)")
     p.add_argument("--tls-ca", help="gRPC TLS: CA certificate (PEM) that signs client certificates")
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         tls=tls,
     )
     try:
-        return serve_foreground(config)
+        return serve_foreground(config, watchdog=not args.no_watchdog)
     except ServerError as error:
         print(f"mmfuse serve: {error}", file=sys.stderr)
         return 1
