@@ -63,7 +63,7 @@ class Run:
             "ensemble": self.ensemble, "mode": self.mode,
             ("concurrency" if self.mode == "closed" else "rate_per_s"): self.load,
             "sent": self.sent, "completed": self.completed, "errors": dict(self.errors),
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 6),
             "throughput_per_s": round(self.completed / self.seconds, 3) if self.seconds else None,
             "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
                            "mean": round(float(lat.mean()), 3) if len(lat) else None},

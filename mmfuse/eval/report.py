@@ -26,6 +26,20 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> None:
+    """PNG with a 64-colour palette: a quarter of the bytes, the same plot (flat colours, anti-aliased text)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT,
+                                      dither=Image.Dither.NONE).save(path, format="PNG", optimize=True)
+
+
 def _grid(n: int, cols: int = 4) -> tuple[int, int]:
     return math.ceil(n / cols), min(n, cols)
 
@@ -81,7 +95,7 @@ def plot_robustness(rob: dict, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False)
     fig.suptitle("Balanced accuracy of the match SCORE under each imperfection (chance 0.5)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -106,7 +120,7 @@ def plot_kinds(rob: dict, strategy: str, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     fig.suptitle(f"{strategy}: accuracy per kind (positives, relation-swapped and attribute negatives)")
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -134,7 +148,7 @@ def plot_effective(rob: dict, path: Path) -> None:
     fig.suptitle(f"Effective robustness: accuracy minus the late-fusion curve ({rob['baseline']}) "
                  "shifted to the same clean accuracy")
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -155,7 +169,7 @@ def plot_auc(rob: dict, path: Path) -> None:
     fig.colorbar(image, ax=ax, label="area under the curve")
     ax.set_title("Relative robustness: area under the balanced-accuracy curve, p in [0, 1]")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -203,7 +217,7 @@ def plot_corruption_examples(rob: dict, path: Path, seed: int) -> None:
                 ax.set_ylabel(C.CORRUPTIONS[name].label, rotation=0, ha="right", va="center")
     fig.text(0.02, text_h / height - 0.02, "\n".join(lines), family="monospace", fontsize=8, va="top")
     fig.suptitle("The imperfections on one benchmark row (images 64 x 64; text corruptions below)")
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -237,7 +251,7 @@ def plot_latency(load: dict, path: Path) -> None:
         ax.set_ylabel("latency (ms)")
     fig.suptitle("Latency percentiles under load (one-row requests, loopback gRPC)")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -282,7 +296,7 @@ def plot_breakdown(load: dict, path: Path) -> None:
     ax.set_xlabel("batch size formed by dynamic batching")
     ax.set_title("Executions per batch size formed (same rows)")
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -316,7 +330,7 @@ def _robustness_md(rob: dict, lines: list[str]) -> None:
 
         ers = [fig["curves"][n].get("effective_robustness_mean") for n in names]
         er = "(baseline)" if s == rob["baseline"] else (_num(float(np.mean(ers)), 3) if None not in ers else "-")
-        absent = {k: fig["conditions"].get(f"dropout_{k}@1.0", {}).get("balanced") for k in ("image", "text")}
+        absent = {k: fig["retention"].get(f"{k}_absent", {}).get("accuracy") for k in ("image", "text")}
         lines.append(
             f"| {s} | {heads[s]['source']} | {_pct(c['balanced'])} | {_pct(c['by_kind'].get('positive'))} | "
             f"{_pct(c['by_kind'].get('swapped'))} | {_pct(c['by_kind'].get('attribute'))} | {_pct(absent['image'])} | "
@@ -485,8 +499,21 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     if "load" in report and report["load"]["runs"]:
         plot_latency(report["load"], out / "latency.png")
         plot_breakdown(report["load"], out / "breakdown.png")
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=_json_default) + "\n")
+    (out / "report.json").write_text(json.dumps(_rounded(report), indent=1, default=_json_default) + "\n")
     (out / "report.md").write_text(markdown(report))
+
+
+def _rounded(value: Any, digits: int = 6) -> Any:
+    """Floats to ``digits`` decimals (the JSON stays readable; figures are not more precise than that)."""
+    if isinstance(value, float):
+        return round(value, digits)
+    if isinstance(value, (np.floating,)):
+        return round(float(value), digits)
+    if isinstance(value, dict):
+        return {k: _rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v, digits) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

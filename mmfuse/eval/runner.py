@@ -210,6 +210,8 @@ def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository
             heads.append(Head(name, "served", Path("."), "served as is", {}))
     base_name = baseline.name if baseline.name in strategies else None
     R.compare(strategies, single_fig, base_name, names, levels)
+    for fig in [*strategies.values(), *single_fig.values()]:  # every figure is in the curves
+        fig.pop("conditions")
     np.savez_compressed(
         cfg.out / "scores.npz", labels=np.asarray(data.labels), kinds=np.asarray(data.kinds),
         **{f"{s}|{k}": v for s, per in all_scores.items() for k, v in per.items()},
@@ -218,6 +220,7 @@ def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository
         "task": "shapes benchmark match SCORE (mmfuse/shapes.py): does the caption match the image?",
         "chance": 0.5,
         "dataset": {"per_kind": cfg.per_kind, "rows": len(data), "seed": cfg.seed,
+                    "rows_per_kind": {k: data.kinds.count(k) for k in dict.fromkeys(data.kinds)},
                     "calibration_per_kind": cfg.calibration_per_kind, "calibration_seed": cfg.seed + 1},
         "levels": levels,
         "corruptions": {n: {"modality": C.CORRUPTIONS[n].modality, "label": C.CORRUPTIONS[n].label} for n in names},
