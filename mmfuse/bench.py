@@ -1045,7 +1045,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
         progress(f"encoders built from profile {options.profile!r} as Triton builds them ...")
         result["profile_handlers"] = profile_handlers(options.model, options.profile, images, captions, batch,
                                                       options.seconds / 2)
-    if options.served and cpu:
+    if options.served:
         with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
             tmp = Path(tmp)
             extra = {"image_preprocess": {"jpeg_draft": "true"}} if options.jpeg_draft else None

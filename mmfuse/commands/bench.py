@@ -49,6 +49,14 @@ def run(args: argparse.Namespace) -> int:
     options = BenchOptions.quick_options() if args.quick else BenchOptions()
     options.model, options.profile, options.baseline = args.model, args.profile, args.baseline
     options.jpeg_draft, options.served = args.jpeg_draft, not args.no_served
+    if args.profile == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("mmfuse bench: --profile gpu needs a CUDA GPU (KIND_GPU instances); none is visible here",
+                  file=sys.stderr)
+            return 2
+        options.device = "cuda"
     if args.images is not None:
         options.images = args.images
     if args.image_size is not None:
