@@ -1156,6 +1156,10 @@ def table(result: dict[str, Any]) -> str:
         f"({flops['text_flops_padded'] / 1e9:.2f} padded to {flops['context_length']}) |",
         f"| limit used | {limit['dtype']}: {limit['why']} |",
         "",
+    ]
+    if not served_:
+        lines.append("(served: not measured in this run)")
+    lines += [] if not served_ else [
         "| ensemble | served items/s | limit items/s | served/limit | naive items/s | served/naive | baseline items/s | "
         "served/baseline | p50 ms | p95 ms | p99 ms | server cores |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -1176,9 +1180,10 @@ def table(result: dict[str, Any]) -> str:
         lines.append("served/limit if the server had had the whole machine (served per server core x cores; an "
                      "estimate for shared machines): " + ", ".join(normalised))
     plan = result["options"]["plan"]
-    lines.append(f"(closed loop: {plan['concurrency']} requests in flight of {plan['rows']} rows, "
-                 f"{plan['duration_s']:.0f} s after {plan['warmup_s']:.0f} s warm-up; loopback gRPC; server cores: CPU "
-                 f"time of tritonserver and its model processes per second, of {m['cores']})")
+    if served_:
+        lines.append(f"(closed loop: {plan['concurrency']} requests in flight of {plan['rows']} rows, "
+                     f"{plan['duration_s']:.0f} s after {plan['warmup_s']:.0f} s warm-up; loopback gRPC; server cores: "
+                     f"CPU time of tritonserver and its model processes per second, of {m['cores']})")
     if "at_load" in s:
         a = s["at_load"]
         lines += ["", f"fuse_image_text at {a['load_fraction']:.0%} of its peak ({a['items_per_s_offered']:.1f} items/s, "
