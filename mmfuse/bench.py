@@ -26,6 +26,7 @@ before/after figures. The generated config.pbtxt files carry the reasons as comm
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import math
@@ -572,16 +573,19 @@ def text_trimming(model_name: str, captions: Sequence[str], precision: str, seco
         embed = frozenset({"EMBEDDING"})
         exactness = {}
         for prec in dict.fromkeys(("fp32", precision)):
-            spec = ClipSpec(model_name, allow_random_init=True, precision=prec)
-            trimmed, padded = TextEncoder(spec, device, trim=True), TextEncoder(spec, device, trim=False)
-            padded.model = trimmed.model  # the same weights, one copy
-            a = trimmed({"TOKENS": tokens}, embed)["EMBEDDING"]
-            b = padded({"TOKENS": tokens}, embed)["EMBEDDING"]
+            encoder = TextEncoder(ClipSpec(model_name, allow_random_init=True, precision=prec), device, trim=True)
+
+            def run(trim: bool):
+                encoder.trim = trim  # one model, both ways
+                return encoder({"TOKENS": tokens}, embed)["EMBEDDING"]
+
+            a, b = run(True), run(False)
             exactness[prec] = {"max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(_cosines(a, b).min())}
             if prec == precision:
-                out["trimmed_per_s"] = batch / _timed(lambda: trimmed({"TOKENS": tokens}, embed), seconds / 2, min_reps=1)
-                out["padded_per_s"] = batch / _timed(lambda: padded({"TOKENS": tokens}, embed), seconds / 2, min_reps=1)
-            del trimmed, padded
+                out["trimmed_per_s"] = batch / _timed(lambda: run(True), seconds / 2, min_reps=1)
+                out["padded_per_s"] = batch / _timed(lambda: run(False), seconds / 2, min_reps=1)
+            del encoder
+            gc.collect()
         out["trimmed_vs_padded"] = exactness
         out["speedup"] = out["trimmed_per_s"] / out["padded_per_s"]
         return out
@@ -629,6 +633,7 @@ def precision_cost(model_name: str, images: Sequence[bytes], captions: Sequence[
                     reference[tower] = emb
                 row[f"{tower}_min_cosine_vs_fp32"] = float(_cosines(emb, reference[tower]).min())
                 del handler
+                gc.collect()
             results[prec] = row
         for prec in precisions:
             if prec != "fp32":
@@ -1029,13 +1034,17 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
                                                seconds=options.seconds / 2)
         result["encoder_steps"] = encoder_steps(options.model, precision, batch=4 if options.quick else 8,
                                                 seconds=options.seconds)
+    gc.collect()  # the models of the step before: one at a time on a small machine
     progress("naive in-process loop (open_clip fp32, one item at a time) ...")
     result["naive"] = naive_loop(options.model, images, captions, options.naive_items) if cpu else None
+    gc.collect()  # the models of the step before: one at a time on a small machine
     progress("image decoding and resizing ...")
     result["preprocessing"] = preprocessing(options.model, images, options.seconds)
+    gc.collect()  # the models of the step before: one at a time on a small machine
     progress("text: trimmed vs padded ...")
     result["text_trimming"] = text_trimming(options.model, captions, precision, options.seconds,
                                             batch=16 if options.quick else 64, device=_torch_device(options.device))
+    gc.collect()  # the models of the step before: one at a time on a small machine
     progress("precision ...")
     precisions = ("fp32", "bf16") if cpu else ("fp32", "fp16", "bf16")
     batch = 4 if options.quick else (16 if cpu else 64)
@@ -1045,6 +1054,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
         progress(f"encoders built from profile {options.profile!r} as Triton builds them ...")
         result["profile_handlers"] = profile_handlers(options.model, options.profile, images, captions, batch,
                                                       options.seconds / 2)
+    gc.collect()
     if options.served:
         with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
             tmp = Path(tmp)
