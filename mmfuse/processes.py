@@ -18,8 +18,14 @@ class Stub:
     pid: int
 
     @property
+    def is_instance(self) -> bool:
+        """A model instance's stub ("<model>_<group>_<index>"), not a short-lived model-level one."""
+        parts = self.instance.rsplit("_", 2)
+        return len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit()
+
+    @property
     def model(self) -> str:
-        return self.instance.rsplit("_", 2)[0]
+        return self.instance.rsplit("_", 2)[0] if self.is_instance else self.instance
 
 
 def children(pid: int) -> list[int]:

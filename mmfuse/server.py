@@ -159,6 +159,18 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started tritonserver dies (Linux), so that a
+    killed `mmfuse serve`, demo or test never leaves a server (and its model processes) behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def is_ready(http_port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
     try:
         with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=timeout) as r:
@@ -196,7 +208,7 @@ class TritonServer:
             self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             cmd, env=server_env(), stdout=self._log_file, stderr=subprocess.STDOUT if self._log_file else None,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_die_with_parent,
         )
         return self
 
@@ -274,10 +286,16 @@ class StubWatchdog(threading.Thread):
         self.gave_up = False
 
     def _reload(self, model: str) -> bool:
-        url = f"http://127.0.0.1:{self.server.config.http_port}/v2/repository/models/{model}/load"
+        """Unload and load the model again (a load of an unchanged, loaded model is a no-op in Triton)."""
+        base = f"http://127.0.0.1:{self.server.config.http_port}/v2/repository/models/{model}"
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=120) as r:
-                return r.status == 200
+            for action in ("unload", "load"):
+                request = urllib.request.Request(f"{base}/{action}", data=b"{}", method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=300) as r:
+                    if r.status != 200:
+                        return False
+            return True
         except (urllib.error.URLError, OSError):
             return False
 
@@ -286,7 +304,12 @@ class StubWatchdog(threading.Thread):
         from . import processes
 
         pid = self.server.process.pid
-        live = {stub.pid: stub.model for stub in processes.stubs(pid).values()}
+        # Instance stubs only ("<model>_<group>_<index>"); a model-level stub that Triton starts to
+        # complete a config is ended by Triton itself.
+        live = {stub.pid: stub.model for stub in processes.stubs(pid).values() if stub.is_instance}
+        if not is_ready(self.server.config.http_port):
+            self.known.update(live)  # remember them; act once the server is up
+            return []
         dead_pids = set(processes.zombies(pid)) | (set(self.known) - set(live) - set(processes.children(pid)))
         dead = sorted({self.known[p] for p in dead_pids if p in self.known})
         for model in dead:

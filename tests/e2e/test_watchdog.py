@@ -20,7 +20,7 @@ def _wait(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
-        if value:
+        if value is not None and value is not False:
             return value
         time.sleep(0.3)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -35,7 +35,7 @@ def test_serve_reloads_a_model_whose_process_was_killed(tmp_path, checkpoint):
     serve = subprocess.Popen(
         [sys.executable, "-m", "mmfuse.cli", "serve", "--model-repository", str(repo), "--model-control-mode",
          "explicit", "--grpc-port", str(grpc), "--http-port", str(http), "--metrics-port", str(metrics)],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait(lambda: is_ready(http), 180, "readiness")
         [triton] = [p for p in processes.children(serve.pid)]
@@ -43,8 +43,8 @@ def test_serve_reloads_a_model_whose_process_was_killed(tmp_path, checkpoint):
         with MMFuseClient(f"127.0.0.1:{grpc}") as client:
             before = client.embed_text(["a red circle"]).embedding
             os.kill(victim.pid, signal.SIGKILL)
-            fresh = _wait(lambda: (s := processes.stubs(triton).get("text_encoder_0_0")) and s.pid != victim.pid and s,
-                          90, "a new text_encoder process")
+            fresh = _wait(lambda: (s := processes.stubs(triton).get("text_encoder_0_0")) and s.pid != victim.pid and s
+                          or None, 90, "a new text_encoder process")
             assert fresh.pid != victim.pid
 
             def answers():
@@ -61,5 +61,5 @@ def test_serve_reloads_a_model_whose_process_was_killed(tmp_path, checkpoint):
         assert serve.wait(timeout=60) == 0
     finally:
         if serve.poll() is None:
-            serve.kill()
+            os.killpg(serve.pid, signal.SIGKILL)
         log.close()
