@@ -8,6 +8,7 @@ open_clip is an error, never a skip.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +61,13 @@ def tiny_repository(target: Path, checkpoint: Path) -> Path:
         if model.endswith("encoder"):
             values["allow_random_init"] = "false"
         set_parameters(repo, model, values)
-    set_parameters(repo, "fusion", {"weights": "0.5,0.5", "normalize": "true"})
-    set_fusion_head(repo, "fusion", "late", "", has_head=False)
+    # Late fusion (the masked weighted mean) with a CLIP-style similarity head, so that SCORE exists as
+    # in the shipped fuse_image_text; its weights are fixed numbers, not trained.
+    set_parameters(repo, "fusion", {
+        "weights": "0.5,0.5", "normalize": "true", "allow_random_init": "true",
+        "strategy_options": json.dumps({"embed_dim": 64, "weights": [0.5, 0.5], "gate": "fixed", "head": "similarity"}),
+    })
+    set_fusion_head(repo, "fusion", "late", "", has_head=True)
     return repo
 
 

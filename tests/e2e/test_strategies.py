@@ -78,7 +78,7 @@ def _apply(server, strategy: str, options: dict, score: bool) -> None:
     fusion.parameters["strategy_options"].string_value = json.dumps({"embed_dim": 64, **options})
     client.load_model("fusion", config=json_format.MessageToJson(fusion))
     ensemble = load_config(repo, "fuse_image_text")
-    if score:
+    if score and "SCORE" not in [o.name for o in ensemble.output]:
         for step in ensemble.ensemble_scheduling.step:
             if step.model_name == "fusion":
                 step.output_map["SCORE"] = "SCORE"
