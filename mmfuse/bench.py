@@ -1261,7 +1261,18 @@ def table(result: dict[str, Any]) -> str:
                       f"{n['default_threads']} threads and 1 thread: embed_image " + ", ".join(
                           f"{k} thread(s) {v:.1f}/s" for k, v in n["embed_image_per_s_by_threads"].items())]
     lines.append(f"({result['seconds']:.0f} s; machine {m['host']}, {m['time_utc']})")
-    return "\n".join(lines)
+    return _paragraphs(lines)
+
+
+def _paragraphs(lines: list[str]) -> str:
+    """Markdown: a blank line between paragraphs and around tables, none inside a table."""
+    out: list[str] = []
+    for line in lines:
+        if line and out and out[-1] and not (line.startswith("|") and out[-1].startswith("|")):
+            out.append("")
+        if line or (out and out[-1]):
+            out.append(line)
+    return "\n".join(out)
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
