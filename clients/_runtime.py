@@ -365,6 +365,14 @@ class _ClientBase(Generic[Req, Resp]):
         self.options = dataclasses.replace(options or ClientOptions(), **overrides)
         self._connection = connection
         self._owns_connection = connection is None
+        # The outputs the served ensemble really has (learned once from its metadata): an output of the
+        # config this client was generated from that the server does not offer (e.g. SCORE after a
+        # switch to a strategy without a task head) is not requested, and comes back as None.
+        self._served: tuple[str, ...] | None = None
+
+    def _learn_outputs(self, metadata: Mapping[str, Any] | None) -> None:
+        if self._served is None and metadata:
+            self._served = tuple(o["name"] for o in metadata.get("outputs", ()))
 
     def _columns(self, request: Req) -> dict[str, Any]:
         if not isinstance(request, self.request_type):
@@ -373,7 +381,7 @@ class _ClientBase(Generic[Req, Resp]):
         return {t.name: getattr(request, t.field) for t in self.spec.inputs}
 
     def _response(self, out: Mapping[str, np.ndarray]) -> Resp:
-        return self.response_type(**{t.field: out[t.name] for t in self.spec.outputs})
+        return self.response_type(**{t.field: out.get(t.name) for t in self.spec.outputs})
 
     def _batch_size(self, max_batch: int | None) -> int:
         size = max_batch or self.options.max_batch or self.spec.max_batch_size
@@ -381,7 +389,7 @@ class _ClientBase(Generic[Req, Resp]):
 
     @property
     def output_names(self) -> list[str]:
-        return [t.name for t in self.spec.outputs]
+        return [t.name for t in self.spec.outputs if not self._served or t.name in self._served]
 
     @property
     def datatypes(self) -> dict[str, str]:
@@ -418,6 +426,11 @@ class EnsembleClient(_ClientBase[Req, Resp]):
               max_batch: int | None = None) -> Resp:
         """Send ``request``; rows beyond ``max_batch_size`` go in further requests, one after another."""
         arrays, n = encode_inputs(self.spec, self._columns(request))
+        if self._served is None:
+            try:
+                self._learn_outputs(self.metadata())
+            except Exception:  # noqa: BLE001 - the call itself will report an unreachable server
+                pass
 
         def call_(part: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return call(self.connection, self.spec.name, part, self.output_names, self.options, timeout_s,
@@ -468,6 +481,11 @@ class AsyncEnsembleClient(_ClientBase[Req, Resp]):
                     max_batch: int | None = None, max_in_flight: int | None = None) -> Resp:
         arrays, n = encode_inputs(self.spec, self._columns(request))
         connection = self.connection
+        if self._served is None:
+            try:
+                self._learn_outputs(await self.metadata())
+            except Exception:  # noqa: BLE001 - the call itself will report an unreachable server
+                pass
 
         async def call_(part):
             return await call_async(connection, self.spec.name, part, self.output_names, self.options,

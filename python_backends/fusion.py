@@ -138,6 +138,9 @@ def load_strategy(config: FusionConfig, model_name: str = "fusion"):
     embed_dim = options.pop("embed_dim", None)
     if embed_dim is None:
         raise ConfigError(f"model '{model_name}': random-init strategy needs 'embed_dim' in strategy_options")
+    if config.strategy == "late":  # the fixed-weight parameters still apply
+        options.setdefault("weights", list(config.weights))
+        options.setdefault("normalize", config.normalize)
     torch.manual_seed(config.seed)
     return build(config.strategy, config.modalities, int(embed_dim), **options).eval()
 

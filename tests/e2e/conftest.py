@@ -65,7 +65,7 @@ def tiny_repository(target: Path, checkpoint: Path) -> Path:
     # in the shipped fuse_image_text; its weights are fixed numbers, not trained.
     set_parameters(repo, "fusion", {
         "weights": "0.5,0.5", "normalize": "true", "allow_random_init": "true",
-        "strategy_options": json.dumps({"embed_dim": 64, "weights": [0.5, 0.5], "gate": "fixed", "head": "similarity"}),
+        "strategy_options": json.dumps({"embed_dim": 64, "gate": "fixed", "head": "similarity"}),
     })
     set_fusion_head(repo, "fusion", "late", "", has_head=True)
     return repo

@@ -23,8 +23,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
+    from mmfuse.export import set_fusion_head
+
     repo = copy_repository(DEFAULT_MODEL_REPOSITORY, tmp_path_factory.mktemp("reconfigure") / "model_repository")
     pristine = copy_repository(DEFAULT_MODEL_REPOSITORY, tmp_path_factory.mktemp("pristine") / "model_repository")
+    for copy in (repo, pristine):  # start from plain late fusion (fixed weights, no task head, no SCORE)
+        set_fusion_head(copy, "fusion", "late", "", has_head=False)
     # Explicit model control, only the ensemble under test (its composing models load with it): lean.
     server = start_server(repo, tmp_path_factory.mktemp("reconfigure-logs") / "tritonserver",
                           model_control_mode="explicit", load_models=("fuse_image_text",))
