@@ -947,7 +947,7 @@ def served(repository: Path, model_name: str, images: Sequence[bytes], captions:
             out[ensemble]["models"] = statistics_delta(before, statistics(server.grpc_url))
         if fixed_rate and "fuse_image_text" in out:
             peak = out["fuse_image_text"]["items_per_s"]
-            rate = plan.load_fraction * peak / plan.rows
+            rate = max(plan.load_fraction * peak / plan.rows, 0.2)  # a stalled closed loop still gets a rate
             requests = make_requests("fuse_image_text", images, captions, plan.rows, 16)
             before = statistics(server.grpc_url)
             run = asyncio.run(_fixed_rate(server.grpc_url, "fuse_image_text", requests, plan.rows, rate,
