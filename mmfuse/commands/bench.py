@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture, random weights (default ViT-B-32)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="serving settings (default cpu)")
     p.add_argument("--baseline", action="store_true",
-                   help="also serve the shipped settings (fp32, default threads, one instance) for before/after")
+                   help="also serve the shipped settings (fp32, one instance each) for before/after")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests): few inputs, seconds per step")
     p.add_argument("--jpeg-draft", action="store_true", help="serve with reduced-size JPEG decoding (jpeg_draft)")
     p.add_argument("--rows", type=int, help="rows per request (default 4; quick 2)")
