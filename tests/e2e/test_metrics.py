@@ -108,7 +108,10 @@ def test_metrics_count_every_modality_under_load(server, photos):
     # Triton's own per-model latency and failure counters, on the same port.
     assert delta(after, before, "nv_inference_request_success", model="fuse_image_text", version="1") == requests
     assert delta(after, before, "nv_inference_request_failure", model="fuse_image_text", version="1") == 0
-    assert delta(after, before, "nv_inference_queue_duration_us", model="fusion", version="1") > 0
+    from mmfuse.export import versions
+
+    served = str(versions(server.config.model_repository / "fusion")[-1])  # Triton serves the latest version
+    assert delta(after, before, "nv_inference_queue_duration_us", model="fusion", version=served) > 0
     assert delta(after, before, "nv_inference_request_duration_us", model="fuse_image_text", version="1") > 0
 
 
