@@ -36,7 +36,10 @@ def input_data(pool: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
                 raw = b"".join(struct.pack("<I", len(bytes(x))) + bytes(x) for x in row.reshape(-1))
                 entry[name] = {"b64": base64.b64encode(raw).decode(), "shape": list(row.shape)}
             else:
-                entry[name] = {"content": row.reshape(-1).tolist(), "shape": list(row.shape)}
+                values = row.reshape(-1).tolist()
+                if row.dtype.kind == "f":  # float32 carries ~7 digits; more only makes the file longer
+                    values = [float(f"{v:.7g}") for v in values]
+                entry[name] = {"content": values, "shape": list(row.shape)}
         entries.append(entry)
     return {"data": entries}
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from . import corruptions as C
 from . import metrics as M
 
 KIND_COLOURS = {"positive": "tab:green", "swapped": "tab:orange", "attribute": "tab:purple"}
-DPI = 100
+DPI = 72
 
 
 def _plt():
@@ -103,7 +104,7 @@ def plot_kinds(rob: dict, strategy: str, path: Path) -> None:
     plt = _plt()
     names = list(rob["corruptions"])
     rows, cols = _grid(len(names))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.5 * rows), sharey=True, squeeze=False)
     for ax, name in zip(axes.flat, names):
         curve = rob["strategies"][strategy]["curves"][name]
         for kind, values in curve["by_kind"].items():
@@ -224,7 +225,7 @@ def plot_corruption_examples(rob: dict, path: Path, seed: int) -> None:
 def plot_latency(load: dict, path: Path) -> None:
     plt = _plt()
     ensembles = list(dict.fromkeys(r["ensemble"] for r in load["runs"]))
-    fig, axes = plt.subplots(2, len(ensembles), figsize=(max(7.0, 3.4 * len(ensembles)), 6.0), squeeze=False)
+    fig, axes = plt.subplots(2, len(ensembles), figsize=(max(8.5, 3.4 * len(ensembles)), 6.0), squeeze=False)
     for j, ensemble in enumerate(ensembles):
         closed = [r for r in load["runs"] if r["ensemble"] == ensemble and r["mode"] == "closed"]
         opened = [r for r in load["runs"] if r["ensemble"] == ensemble and r["mode"] == "open"]
@@ -348,8 +349,15 @@ def _robustness_md(rob: dict, lines: list[str]) -> None:
         f"calibration split ({rob['dataset']['calibration_per_kind']} rows per kind, seed "
         f"{rob['dataset']['calibration_seed']}) with the kinds balanced, evaluated on the same corrupted rows as "
         "the strategies (a missing or undecodable input scores 0.5). On this task the caption must be checked "
-        "against the image, so a single modality carries (almost) no signal: "
-        f"image-only {_pct(img_clean)}, text-only {_pct(txt_clean)} clean.", "",
+        f"against the image: image-only {_pct(img_clean)}, text-only {_pct(txt_clean)} clean"
+        + (" (no better than chance)." if max(img_clean, txt_clean) - 0.5 <= 2 * max(
+            sm["image"]["clean"]["se"], sm["text"]["clean"]["se"]) else
+           " (the captions alone carry some signal: the generator's negatives are not word-for-word like its "
+           "positives).") , "",
+        "Accuracy is against the clean label. Some imperfections change what the input says (a hue shift turns "
+        "a red circle green, an occluder hides an object, a typo turns \"red\" into \"rex\", a dropped word can "
+        "drop the relation): a falling positive rate there is partly the model answering for the corrupted "
+        "input, and negatives can stay right for the wrong reason. Per-kind curves below show which.", "",
         "**Retention** with a modality absent = (accuracy - 0.5) / (best single-modality clean accuracy - 0.5); "
         "undefined (`n/a`) when no single-modality model is above chance by two standard errors, which is what "
         "this task gives.", "",
@@ -474,7 +482,9 @@ def markdown(report: dict) -> str:
         "# mmfuse evaluation: fusion beyond accuracy", "",
         f"Made by `{report.get('command') or 'mmfuse eval'}` on {report['created_utc']} in {report['seconds']:.0f} s. "
         f"Machine: {m.get('cpu', m.get('machine'))}, {m.get('cpus')} CPUs, {m.get('memory_gib', '?')} GiB, CPU only; "
-        f"load average at start {m.get('load_average_at_start')}. Server: "
+        f"load average (1, 5, 15 min) at start {m.get('load_average_at_start')}, at the end "
+        f"{m.get('load_average_at_end')}: the machine is shared, so the performance figures are only as quiet as it "
+        "was; the robustness figures do not depend on it. Server: "
         f"{'the embedded tritonserver' if report['server']['embedded'] else report['server']['url']} on "
         f"`{report['server']['repository']}` (served fusion: {report['server']['served_fusion']}). Every figure is "
         "in `report.json`; per-row scores in `scores.npz`.", "",
@@ -499,7 +509,12 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     if "load" in report and report["load"]["runs"]:
         plot_latency(report["load"], out / "latency.png")
         plot_breakdown(report["load"], out / "breakdown.png")
-    (out / "report.json").write_text(json.dumps(_rounded(report), indent=1, default=_json_default) + "\n")
+    text = json.dumps(_rounded(report), indent=1, default=_json_default)
+    # Lists of numbers, and objects holding no list or object, on one line: readable, and half the size.
+    text = re.sub(r"\[\s+([-+\d.eE,\s]+?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
+    text = re.sub(r"\{\n\s+([^{}\[\]]*?)\n\s*\}", lambda m: "{" + " ".join(x.strip() for x in m.group(1).split("\n")) + "}",
+                  text)
+    (out / "report.json").write_text(text + "\n")
     (out / "report.md").write_text(markdown(report))
 
 

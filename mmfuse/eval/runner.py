@@ -1,6 +1,7 @@
 """``mmfuse eval``: robustness and performance of a running (or embedded) server, written as a report."""
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -66,6 +67,15 @@ def _host_port(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _shown(path: Path) -> str:
+    """A path as the report shows it: relative to the working directory when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _control_refused(message: str) -> bool:
     return any(m in message for m in ("explicit model load", "polling is enabled", "not allowed"))
 
@@ -106,6 +116,7 @@ def run(cfg: EvalConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
         if server is not None:
             server.stop()
     report["seconds"] = round(time.monotonic() - started, 1)
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["command"] = "mmfuse " + " ".join(argv) if argv is not None else None
     from .report import write_report
 
@@ -125,7 +136,7 @@ def _evaluate(cfg: EvalConfig, url: str, pid: int | None, repository: Path, embe
         "schema": "mmfuse-eval/1",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": describe_machine(),
-        "server": {"url": url, "embedded": embedded, "pid": pid, "repository": str(repository)},
+        "server": {"url": url, "embedded": embedded, "pid": pid, "repository": _shown(repository)},
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
                    if k not in ("out",)},
     }
@@ -224,7 +235,7 @@ def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository
                     "calibration_per_kind": cfg.calibration_per_kind, "calibration_seed": cfg.seed + 1},
         "levels": levels,
         "corruptions": {n: {"modality": C.CORRUPTIONS[n].modality, "label": C.CORRUPTIONS[n].label} for n in names},
-        "heads": [{"name": h.name, "strategy": h.strategy, "source": h.source, "path": str(h.path),
+        "heads": [{"name": h.name, "strategy": h.strategy, "source": h.source, "path": _shown(h.path),
                    "hparams": h.description.get("hparams", {})} for h in heads],
         "baseline": base_name,
         "not_evaluated": failed,
@@ -274,7 +285,8 @@ def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher:
             if h["name"] not in robustness["strategies"]:
                 continue
             if h["strategy"] != "served":
-                switcher.use(Head(h["name"], h["strategy"], Path(h["path"]), h["source"], {"hparams": h["hparams"]}))
+                switcher.use(Head(h["name"], h["strategy"], Path(h["path"]).resolve(), h["source"],
+                                  {"hparams": h["hparams"]}))
             # A freshly loaded fusion model's first requests are slow: a discarded run first.
             L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency,
                       min(50, cfg.load_requests), cfg.load_seconds, None, cfg.timeout_s)
