@@ -187,7 +187,8 @@ def check_python_model(name: str, config: ModelConfig, model_dir: Path, load_wei
         return [f"model '{name}': cannot find its handler: {error}"]
     kinds = [g.kind for g in config.instance_group]
     kind = "GPU" if model_config_pb2.ModelInstanceGroup.KIND_GPU in kinds else "CPU"
-    context = ModelContext(model_name=name, model_dir=model_dir, instance_kind=kind)
+    context = ModelContext(model_name=name, model_dir=model_dir, instance_kind=kind,
+                           version=ModelContext.latest_version(model_dir))
     params = Params.from_model_config(name, json.loads(config_json(config)))
     owner = getattr(factory, "__self__", None)
     dry = inspect.isclass(owner) and qualname in WEIGHT_LOADING_HANDLERS and not load_weights

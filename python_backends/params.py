@@ -48,6 +48,14 @@ class ModelContext:
             version=int(args.get("model_version", 1) or 1),
         )
 
+    @staticmethod
+    def latest_version(model_dir: Path | None) -> int:
+        """The version Triton serves by default (the highest numbered folder), for offline checks."""
+        if model_dir is None or not Path(model_dir).is_dir():
+            return 1
+        numbers = [int(p.name) for p in Path(model_dir).iterdir() if p.is_dir() and p.name.isdigit()]
+        return max(numbers, default=1)
+
     @property
     def version_dir(self) -> Path:
         return self.model_dir / str(self.version)

@@ -21,6 +21,7 @@ from python_backends.params import ModelContext, Params
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 TINY = "mmfuse-tiny"
+SHIPPED_MODEL = "mmfuse-demo"  # what the shipped repository serves (trained demo model)
 
 
 def pytest_configure(config):
@@ -58,7 +59,7 @@ def triton_args(name: str, config: Mapping[str, Any] | None = None, **extra: str
         "model_config": json.dumps(config),
         "model_name": name,
         "model_repository": str(MODEL_REPOSITORY / name),  # Triton passes the model's own folder
-        "model_version": "1",
+        "model_version": str(ModelContext.latest_version(MODEL_REPOSITORY / name)),  # the one Triton serves
         "model_instance_kind": "CPU",
         "model_instance_device_id": "0",
         **extra,
@@ -70,6 +71,12 @@ def with_parameters(config: Mapping[str, Any], **values: str) -> dict[str, Any]:
     out = json.loads(json.dumps(config))
     out.setdefault("parameters", {}).update({k: {"string_value": v} for k, v in values.items()})
     return out
+
+
+def late_fusion_config() -> dict[str, Any]:
+    """The shipped fusion config switched to plain late fusion (fixed weights, no head): what the adapter
+    tests exercise (the shipped attention head is covered by the strategy and e2e tests)."""
+    return with_parameters(load_model_config("fusion"), strategy="late", head_dir="")
 
 
 def context_for(name: str) -> ModelContext:

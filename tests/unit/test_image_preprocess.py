@@ -24,7 +24,7 @@ from python_backends.image_preprocess import ImageLimits, ImagePreprocessor
 from python_backends.openclip_models import ClipSpec, preprocess_config
 from python_backends.params import Params
 from tests.conftest import encode
-from tests.unit.conftest import TINY, bytes_column, context_for, decode_column, load_model_config
+from tests.unit.conftest import SHIPPED_MODEL, TINY, bytes_column, context_for, decode_column, load_model_config
 
 OUTPUTS = frozenset({"PIXELS", "VALID", "STATUS"})
 FORMATS = ["JPEG", "PNG", "WEBP", "BMP", "GIF"]
@@ -312,7 +312,7 @@ def test_built_from_the_repository_config(open_clip_tiny):
     handler = ImagePreprocessor.from_parameters(context_for("image_preprocess"), params)
     try:
         params.reject_unknown()
-        assert handler.spec.model_name == TINY
+        assert handler.spec.model_name == SHIPPED_MODEL
         assert handler.limits == ImageLimits(max_image_bytes=16777216, max_image_pixels=40_000_000)
         assert handler.input_size == (3, 64, 64)
     finally:

@@ -236,8 +236,11 @@ def fusion_args() -> dict[str, str]:
     from mmfuse.server import DEFAULT_MODEL_REPOSITORY
 
     config = json_format.MessageToDict(load_config(DEFAULT_MODEL_REPOSITORY, "fusion"), preserving_proto_field_name=True)
+    # plain late fusion (the requests below carry embeddings only, no token sequences)
+    config["parameters"].update({"strategy": {"string_value": "late"}, "head_dir": {"string_value": ""}})
     return {"model_config": json.dumps(config), "model_name": "fusion",
-            "model_repository": str(DEFAULT_MODEL_REPOSITORY / "fusion"), "model_version": "1",
+            "model_repository": str(DEFAULT_MODEL_REPOSITORY / "fusion"),
+            "model_version": str(ModelContext.latest_version(DEFAULT_MODEL_REPOSITORY / "fusion")),
             "model_instance_kind": "CPU", "model_instance_device_id": "0"}
 
 

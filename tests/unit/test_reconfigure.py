@@ -121,6 +121,8 @@ def test_invalid_parameters_are_refused_offline_naming_model_key_and_value(shipp
 
 def test_a_modality_the_fusion_config_does_not_declare_is_refused(shipped):
     def three(c):
+        c.parameters["strategy"].string_value = "late"  # (the shipped attention head is for two modalities)
+        c.parameters["head_dir"].string_value = ""
         c.parameters["modalities"].string_value = "image,text,tabular"
         c.parameters["weights"].string_value = "1,1,1"
 
@@ -159,7 +161,8 @@ def test_ensemble_rules(shipped, edit, fragment):
 
 def test_a_python_model_without_its_model_py_is_refused(shipped, tmp_path):
     repo = copy_repository(REPO, tmp_path / "repo")
-    shutil.rmtree(repo / "fusion" / "1")
+    for version in [p for p in (repo / "fusion").iterdir() if p.is_dir() and p.name.isdigit()]:
+        shutil.rmtree(version)
     errors = validate_one("fusion", lambda c: None, shipped, repo)
     assert any("model 'fusion'" in e and "handler" in e for e in errors), errors
 

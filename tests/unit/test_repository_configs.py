@@ -84,7 +84,8 @@ PUBLIC_API = {
     "embed_text": ({"TEXT": ("TYPE_STRING", [1])}, EMBED_OUTPUTS),
     "fuse_image_text": (
         {"IMAGE": ("TYPE_STRING", [1]), "TEXT": ("TYPE_STRING", [1])},
-        {"FUSED": ("TYPE_FP32", [-1]), "MODALITY_MASK": ("TYPE_BOOL", [2]), "MODALITY_STATUS": ("TYPE_STRING", [2])},
+        {"FUSED": ("TYPE_FP32", [-1]), "MODALITY_MASK": ("TYPE_BOOL", [2]), "MODALITY_STATUS": ("TYPE_STRING", [2]),
+         "SCORE": ("TYPE_FP32", [1])},  # the shipped fusion has a task head
     ),
 }
 

@@ -17,7 +17,7 @@ from python_backends.fusion import FusionHandler, late_fusion
 from python_backends.serving import TensorSpec, TritonAdapter
 from python_backends.text_preprocess import TextPreprocessor
 from tests.unit.conftest import (
-    TINY, assert_names, bytes_column, decode_column, load_model_config, triton_args, with_parameters,
+    SHIPPED_MODEL, TINY, assert_names, late_fusion_config, bytes_column, decode_column, load_model_config, triton_args, with_parameters,
 )
 
 
@@ -128,13 +128,13 @@ def assert_same_outputs(got: InferenceResponse, expected: InferenceResponse) -> 
 # -- the two real handlers, as model.py builds them --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fusion_adapter() -> TritonAdapter:
-    return TritonAdapter(FakePbUtils, triton_args("fusion"), FusionHandler.from_parameters)
+    return TritonAdapter(FakePbUtils, triton_args("fusion", late_fusion_config()), FusionHandler.from_parameters)
 
 
 @pytest.fixture(scope="module")
 def text_adapter(open_clip_tiny) -> TritonAdapter:
     adapter = TritonAdapter(FakePbUtils, triton_args("text_preprocess"), TextPreprocessor.from_parameters)
-    assert adapter.handler.spec.model_name == TINY
+    assert adapter.handler.spec.model_name == SHIPPED_MODEL
     return adapter
 
 
@@ -242,7 +242,7 @@ def test_output_dtypes_come_from_the_config(fusion_adapter, text_adapter):
 
 
 def test_output_dtype_follows_an_edited_config():
-    config = load_model_config("fusion")
+    config = late_fusion_config()
     next(o for o in config["output"] if o["name"] == "FUSED")["data_type"] = "TYPE_FP16"
     adapter = TritonAdapter(FakePbUtils, triton_args("fusion", config), FusionHandler.from_parameters)
     out = execute(adapter, [fusion_request(0, 2)])[0].outputs()
@@ -352,7 +352,7 @@ def test_unknown_parameter_fails_construction(open_clip_tiny, model, factory, ty
 
 
 def test_invalid_parameter_value_fails_construction():
-    config = with_parameters(load_model_config("fusion"), weights="0.5,0.5,0.5")
+    config = with_parameters(late_fusion_config(), weights="0.5,0.5,0.5")
     with pytest.raises(ConfigError) as info:
         TritonAdapter(FakePbUtils, triton_args("fusion", config), FusionHandler.from_parameters)
     assert_names(info.value, "fusion", "weights")

@@ -7,7 +7,7 @@ import pytest
 from python_backends.openclip_models import ClipSpec
 from python_backends.params import Params
 from python_backends.text_preprocess import TextPreprocessor
-from tests.unit.conftest import TINY, bytes_column, context_for, decode_column, load_model_config
+from tests.unit.conftest import SHIPPED_MODEL, TINY, bytes_column, context_for, decode_column, load_model_config
 
 MAX_CHARS = 50
 CAPTIONS = [
@@ -91,6 +91,6 @@ def test_built_from_the_repository_config(open_clip_tiny):
     params = Params.from_model_config("text_preprocess", load_model_config("text_preprocess"))
     handler = TextPreprocessor.from_parameters(context_for("text_preprocess"), params)
     params.reject_unknown()
-    assert handler.spec.model_name == TINY
+    assert handler.spec.model_name == SHIPPED_MODEL
     assert handler.max_text_chars == 4096
     assert handler.context_length == 77
