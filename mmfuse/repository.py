@@ -67,6 +67,55 @@ def set_output(repository: Path, ensemble: str, step_model: str, name: str, enab
     save_config(repository, ensemble, config)
 
 
+SEQUENCE_TENSORS = ("SEQUENCE", "SEQUENCE_MASK")
+
+
+def set_sequence_routing(repository: Path, ensemble: str, fusion_model: str, enabled: bool) -> list[str]:
+    """Route (or stop routing) the encoders' token sequences into the fusion step of ``ensemble``.
+
+    Only the strategies that read token sequences (attention, hybrid) need them. An encoder step with
+    SEQUENCE mapped converts and ships its whole last layer (ViT-B-32: 50 x 768 floats per image, 77 x 512 per
+    caption) for every row, which a late or early fusion step then ignores; without the mapping Triton does
+    not ask for them and the encoder skips that work. Enabling maps ``<step>.SEQUENCE`` to the fusion input
+    ``<MODALITY>_SEQUENCE`` (and the masks) for every encoder step whose EMBEDDING feeds
+    ``<MODALITY>_EMBEDDING``, where the encoder has that output and the fusion model that input.
+    Returns the fusion inputs changed.
+    """
+    config = load_config(repository, ensemble)
+    steps = list(config.ensemble_scheduling.step)
+    fusion = [s for s in steps if s.model_name == fusion_model]
+    if len(fusion) != 1:
+        raise ValueError(f"ensemble '{ensemble}' has {len(fusion)} steps running '{fusion_model}' (expected 1)")
+    fusion = fusion[0]
+    by_tensor = {value: key for key, value in fusion.input_map.items()}  # ensemble tensor -> fusion input
+    accepts = {t.name for t in load_config(repository, fusion_model).input}
+    changed = []
+    for step in steps:
+        embedding = step.output_map.get("EMBEDDING")
+        target = by_tensor.get(embedding, "") if embedding else ""
+        if step is fusion or not target.endswith("_EMBEDDING"):
+            continue
+        modality = target[: -len("_EMBEDDING")]
+        produces = {t.name for t in load_config(repository, step.model_name).output}
+        for name in SEQUENCE_TENSORS:
+            fusion_input = f"{modality}_{name}"
+            if name not in produces or fusion_input not in accepts:
+                continue
+            prefix = embedding[: -len("embedding")] if embedding.endswith("embedding") else f"{modality.lower()}_"
+            tensor = step.output_map.get(name) or prefix + name.lower()
+            if enabled and fusion_input not in fusion.input_map:
+                step.output_map[name] = tensor
+                fusion.input_map[fusion_input] = tensor
+                changed.append(fusion_input)
+            elif not enabled and fusion_input in fusion.input_map:
+                fusion.input_map.pop(fusion_input)
+                step.output_map.pop(name, None)
+                changed.append(fusion_input)
+    if changed:
+        save_config(repository, ensemble, config)
+    return changed
+
+
 def models(repository: Path) -> list[str]:
     return sorted(p.name for p in Path(repository).iterdir() if (p / "config.pbtxt").is_file())
 

@@ -31,7 +31,11 @@ def register(sub) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="also serve the shipped settings (fp32, one instance each) for before/after")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests): few inputs, seconds per step")
-    p.add_argument("--jpeg-draft", action="store_true", help="serve with reduced-size JPEG decoding (jpeg_draft)")
+    decode = p.add_mutually_exclusive_group()
+    decode.add_argument("--jpeg-draft", dest="jpeg_draft", action="store_const", const=True,
+                        help="serve with reduced-size JPEG decoding (jpeg_draft; the cpu and gpu profiles' default)")
+    decode.add_argument("--exact-decode", dest="jpeg_draft", action="store_const", const=False,
+                        help="serve with full-size JPEG decoding (jpeg_draft false; the baseline's)")
     p.add_argument("--rows", type=int, help="rows per request (default 4; quick 2)")
     p.add_argument("--concurrency", type=int, help="requests in flight in the closed loop (default 8; quick 4)")
     p.add_argument("--duration", type=float, help="seconds per served measurement (default 20; quick 3)")

@@ -119,7 +119,7 @@ def test_cpu_profile_serves_bf16_single_threaded():
 def _fake_result() -> dict:
     row = {"items_per_s": 50.0, "p50_ms": 100.0, "p95_ms": 120.0, "p99_ms": 130.0,
            "models": {"image_preprocess": {"compute_infer_ms": 5.0}, "image_encoder": {"compute_infer_ms": 50.0}}}
-    at_load = {"load_fraction": 0.7, "items_per_s_offered": 35.0, "p50_ms": 100.0, "p95_ms": 120.0, "p99_ms": 140.0,
+    at_load = {"load_fraction": 0.7, "items_per_s_offered": 35.0, "requests": 500, "p50_ms": 100.0, "p95_ms": 120.0, "p99_ms": 140.0,
                "p99_over_p50": 1.4, "fusion_ms": 1.0, "fusion_share_of_p50": 0.01,
                "models": {"fusion": {"requests": 10, "queue_ms": 0.1, "compute_input_ms": 0.1, "compute_infer_ms": 0.5,
                                      "compute_output_ms": 0.1, "mean_batch_rows": 4.0}}}
@@ -139,6 +139,20 @@ def _fake_result() -> dict:
         "served": {"embed_image": row, "fuse_image_text": dict(row, items_per_s=40.0), "fuse_image_text_at_load": at_load,
                    "outputs": {"served_precision": "bf16", "image_min_cosine_vs_fp32_in_process": 0.995,
                                "text_min_cosine_vs_fp32_in_process": 0.998}},
+        "precision": {"batch": 16, "threads": 1, "device": "cpu",
+                      "bf16": {"image_per_s": 40.0, "image_min_cosine_vs_fp32": 0.9999, "text_per_s": 300.0,
+                               "text_min_cosine_vs_fp32": 0.9999},
+                      "fp32": {"image_per_s": 10.0, "image_min_cosine_vs_fp32": 1.0, "text_per_s": 100.0,
+                               "text_min_cosine_vs_fp32": 1.0},
+                      "bf16_image_speedup": 4.0, "bf16_text_speedup": 3.0},
+        "preprocessing": {"image_size": [640, 480], "encoded_kb": 100.0, "exact_vs_open_clip_max_abs": 0.0,
+                          "draft_vs_exact_mean_abs": 0.02, "draft_vs_exact_max_abs": 0.1,
+                          "draft_vs_exact_embedding_min_cosine": 0.9999,
+                          "handler_images_per_s_by_decode_threads": {"1": 200.0},
+                          "per_image": {"decode_ms": 1.0, "resize_crop_ms": 2.0, "to_tensor_normalize_ms": 0.2,
+                                        "lookup_table_tail_ms": 0.1, "open_clip_transform_path_ms": 5.2,
+                                        "exact_path_ms": 5.0, "jpeg_draft_path_ms": 2.5}},
+        "served_jpeg_draft": True,
         "text_trimming": {"speedup": 4.0, "trimmed_vs_padded": {"fp32": {"max_abs_diff": 1e-7}}, "precision": "bf16",
                           "batch": 64, "mean_tokens": 9.0, "longest_tokens": 14, "context_length": 77,
                           "trimmed_per_s": 400.0, "padded_per_s": 100.0},
@@ -153,9 +167,15 @@ def test_summary_ratios_and_table():
     assert s["fuse_image_text"]["served_over_limit"] == pytest.approx(40 / (800 / 9))
     assert s["at_load"]["fusion_share_of_p50"] == 0.01 and s["text_trim_speedup"] == 4.0
     assert s["served_min_cosine_vs_fp32"] == 0.995
+    # The ceiling: 25 ms of tower (40 img/s on one thread) + 2.5 ms of draft decoding per image, on 2 cores.
+    c = s["ceiling"]
+    assert c["embed_image_per_s"] == pytest.approx(2 * 1000 / 27.5) and c["jpeg_draft"]
+    assert c["embed_image_over_limit"] == pytest.approx(2 * 1000 / 27.5 / 100.0)
+    assert c["tower_over_one_thread_peak"] == pytest.approx(40 * 8 / 400)
     text = bench.table(result)
     for fragment in ("| peak matmul bf16 | 800 GFLOP/s", "| embed_image | 50.0 | 100.0 | 0.50 | 5.0 | 10.0x |",
-                     "p99/p50 1.40", "1.0% of p50", "4.0x", "served/limit", "served/naive"):
+                     "p99/p50 1.40", "1.0% of p50", "4.0x", "served/limit", "served/naive", "500 requests measured",
+                     "= 72.7 img/s on 2 cores = 0.73 of the limit"):
         assert fragment in text, fragment
 
 
