@@ -48,7 +48,9 @@ def test_every_served_request_succeeded_and_outputs_are_within_tolerance(quick_r
     assert s["bf16_min_cosine_vs_fp32"] >= 0.99
     assert s["text_trim_max_abs_diff_fp32"] <= 1e-5  # trimmed == padded under the causal mask
     assert result["preprocessing"]["exact_vs_open_clip_max_abs"] == 0.0  # the fast tail is bit-identical
-    assert result["preprocessing"]["draft_vs_exact_mean_abs"] < 0.08  # the opt-in draft path, measured
+    assert result["preprocessing"]["draft_vs_exact_mean_abs"] < 0.08  # the draft path the profile serves, measured
+    assert result["preprocessing"]["draft_vs_exact_embedding_min_cosine"] >= 0.99
+    assert result["served_jpeg_draft"] is True and 'key: "jpeg_draft"' in result["configs"]["image_preprocess"]
 
 
 @pytest.mark.timeout(600)
@@ -67,6 +69,9 @@ def test_limit_ratios_and_statistics_are_consistent(quick_run):
         assert models[model]["requests"] > 0, model
     assert at_load["fusion_ms"] == pytest.approx(models["fusion"]["mean_request_ms"])
     assert 0 < at_load["fusion_share_of_p50"] < 1
+    # Late fusion, served as a late deployment: the encoders' token sequences are not routed to the fusion step.
+    assert "SEQUENCE" not in result["configs"]["fuse_image_text"]
+    assert result["summary"]["ceiling"]["embed_image_over_limit"] > 0
     for model in ("image_encoder", "text_encoder"):
         assert "# mmfuse bench profile 'cpu'" in result["configs"][model]
         assert 'string_value: "bf16"' in result["configs"][model]

@@ -206,6 +206,22 @@ def test_handler_output_matches_late_fusion():
     np.testing.assert_array_equal(out["MODALITY_MASK"], mask)
 
 
+def test_late_fusion_output_does_not_depend_on_routed_sequences():
+    """A late deployment may leave the token sequences unrouted (mmfuse bench does): the same FUSED either way."""
+    rng = np.random.default_rng(3)
+    image, text = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    valid = {"IMAGE": [True, True, False, True], "TEXT": [True, False, True, True]}
+    handler = make_handler()
+    without = handler(fusion_batch({"IMAGE": image, "TEXT": text}, valid), ALL_OUTPUTS)
+    routed = fusion_batch({"IMAGE": image, "TEXT": text}, valid)
+    for m, length in (("IMAGE", 5), ("TEXT", 7)):
+        routed[f"{m}_SEQUENCE"] = rng.standard_normal((4, length, 6)).astype(np.float32)
+        routed[f"{m}_SEQUENCE_MASK"] = np.ones((4, length), bool)
+    with_sequences = handler(routed, ALL_OUTPUTS)
+    for name in ("FUSED", "MODALITY_MASK", "MODALITY_STATUS"):
+        np.testing.assert_array_equal(with_sequences[name], without[name])
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_handler_marks_non_finite_valid_row(bad):
     text = np.random.default_rng(10).standard_normal((2, 4))
