@@ -328,7 +328,34 @@ def validate(changes: Sequence[ModelChange], served: Mapping[str, ModelConfig], 
             errors += check_python_model(change.name, cfg, Path(repository) / change.name, load_weights)
     for ensemble in affected_ensembles([c.name for c in changes], overlay):
         errors += check_ensemble(ensemble, overlay[ensemble], overlay)
-    return errors
+    changed = {c.name for c in changes}
+    for name, cfg in overlay.items():
+        if cfg.response_cache.enable and (name in changed or affected_ensembles([name], overlay)):
+            errors += check_response_cache(name, overlay)
+    return sorted(set(errors), key=errors.index)
+
+
+def check_response_cache(name: str, configs: Mapping[str, ModelConfig]) -> list[str]:
+    """A cached model must be asked for the same outputs by every ensemble step that runs it.
+
+    Triton keys a cached response by model, version and inputs, not by the outputs asked for (measured on
+    2.51: image_encoder's response to embed_image, EMBEDDING only, answered fuse_image_text's request for
+    EMBEDDING and SEQUENCE from the cache). A model whose ensembles ask for different outputs would hand one
+    ensemble the other's subset.
+    """
+    asked = {}
+    for ensemble, cfg in configs.items():
+        if cfg.platform != "ensemble":
+            continue
+        for step in cfg.ensemble_scheduling.step:
+            if step.model_name == name:
+                asked[ensemble] = tuple(sorted(step.output_map))
+    if len(set(asked.values())) <= 1:
+        return []
+    detail = "; ".join(f"{e} asks for {', '.join(o) or 'nothing'}" for e, o in sorted(asked.items()))
+    return [f"model '{name}': response_cache is enabled but its ensembles ask it for different outputs ({detail}); "
+            "Triton's cache key ignores the outputs asked for, so one ensemble would get another's cached subset. "
+            "Enable the cache only on models every caller asks for the same outputs"]
 
 
 # -- probes -------------------------------------------------------------------------------------------------------
@@ -411,6 +438,28 @@ def served_configs(client, names: Iterable[str]) -> dict[str, ModelConfig]:
     out = {}
     for name in names:
         out[name] = client.get_model_config(name).config
+    return out
+
+
+def cached_responses(client, changes: Sequence[ModelChange]) -> list[str]:
+    """Changed models that hold responses in Triton's response cache, with why that blocks a live change.
+
+    Triton 2.51 keys a cached response by model name, version and inputs, and keeps it across a reload
+    (measured: text_encoder reloaded from fp32 to bf16 answered a repeated caption with its fp32 embedding,
+    bit for bit, from the cache). A model has entries once its statistics count a cache miss (each miss
+    inserts one); a server started without a cache never counts any.
+    """
+    out = []
+    for change in changes:
+        if change.served is None or not change.served.response_cache.enable:
+            continue
+        stats = client.get_inference_statistics(change.name, as_json=True).get("model_stats", [])
+        misses = sum(int(m.get("inference_stats", {}).get("cache_miss", {}).get("count", 0)) for m in stats)
+        if misses:
+            out.append(f"model '{change.name}': its responses are in Triton's response cache ({misses} entries inserted); "
+                       "Triton keeps them across a reload, so the reloaded model would answer repeated requests from its "
+                       "old configuration. Restart the server with the new config (or publish it as a new version "
+                       "folder, which the cache keys apart)")
     return out
 
 

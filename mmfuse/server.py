@@ -42,6 +42,11 @@ class TritonInstall:
     binary: Path
     backend_dir: Path
 
+    @property
+    def cache_dir(self) -> Path:
+        """Where the response cache implementations are (``caches/local/libtritoncache_local.so``)."""
+        return Path(os.environ.get("MMFUSE_CACHE_DIR", self.backend_dir.parent / "caches"))
+
 
 def find_triton() -> TritonInstall:
     """Locate tritonserver and its backends; put the python stub in place if needed."""
@@ -118,6 +123,8 @@ class ServerConfig:
     log_verbose: int = 0
     host: str = "0.0.0.0"  # the address every endpoint listens on
     tls: TLSConfig | None = None
+    # Triton's local response cache, in bytes (0: off). Models opt in with `response_cache { enable: true }`.
+    response_cache_bytes: int = 0
     extra_args: Sequence[str] = field(default_factory=tuple)
 
     @classmethod
@@ -147,6 +154,8 @@ class ServerConfig:
                 cmd.append(f"--load-model={name}")
         if self.tls is not None:
             cmd += self.tls.args()
+        if self.response_cache_bytes > 0:
+            cmd += [f"--cache-directory={install.cache_dir}", f"--cache-config=local,size={int(self.response_cache_bytes)}"]
         return cmd + list(self.extra_args)
 
 

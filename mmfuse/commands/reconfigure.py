@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
-    from ..reconfigure import ReconfigureError, ValidationFailed, apply, plan, validate
+    from ..reconfigure import ReconfigureError, ValidationFailed, apply, cached_responses, plan, validate
 
     repository = Path(args.model_repository)
     if not repository.is_dir():
@@ -73,6 +73,13 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {line}", file=sys.stderr)
             return 2
         print(f"valid: {', '.join(c.name for c in the_plan.changes)}")
+        stale = cached_responses(client, the_plan.changes)
+        if stale:
+            print("mmfuse reconfigure: a live change would serve stale cached responses, nothing was sent to the server:",
+                  file=sys.stderr)
+            for line in stale:
+                print(f"  {line}", file=sys.stderr)
+            return 2
         if args.dry_run:
             print("dry run: nothing sent")
             return 0

@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--no-watchdog", action="store_true",
                    help="do not watch for dead python-model processes (see README: Limits and guarantees)")
+    p.add_argument("--response-cache-mb", type=float, default=0.0,
+                   help="Triton's local response cache, in MiB (default 0: off); only models whose config.pbtxt has "
+                        "`response_cache { enable: true }` use it (README, Response cache)")
     p.add_argument("--tls-cert", help="gRPC TLS: server certificate (PEM)")
     p.add_argument("--tls-key", help="gRPC TLS: server private key (PEM)")
     p.add_argument("--tls-ca", help="gRPC TLS: CA certificate (PEM) that signs client certificates")
@@ -38,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         tls = TLSConfig(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca) if args.tls_ca else None,
                         args.tls_mutual)
+    if args.response_cache_mb < 0:
+        print("mmfuse serve: --response-cache-mb must be >= 0", file=sys.stderr)
+        return 2
     config = ServerConfig(
         model_repository=repo,
         grpc_port=args.grpc_port,
@@ -46,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         model_control_mode=args.model_control_mode,
         log_verbose=args.log_verbose,
         tls=tls,
+        response_cache_bytes=int(args.response_cache_mb * 2**20),
     )
     try:
         return serve_foreground(config, watchdog=not args.no_watchdog)

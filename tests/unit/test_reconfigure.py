@@ -232,3 +232,51 @@ def test_an_unparsable_config_is_refused_before_the_server(tmp_path):
     save_config(repo, "fusion", load_config(REPO, "fusion"))
     the_plan = rc.plan(NoServer(), repo, [])
     assert the_plan.changes == [] and the_plan.unchanged == ["fusion"]
+
+
+# -- response cache -----------------------------------------------------------------------------------------------
+def _enable_cache(c):
+    c.response_cache.enable = True
+
+
+def test_a_cache_on_a_model_its_ensembles_ask_different_outputs_of_is_refused(shipped):
+    """embed_text asks text_encoder for EMBEDDING, fuse_image_text also for SEQUENCE: Triton's cache key
+    ignores the outputs asked for, so one would get the other's cached subset."""
+    errors = validate_one("text_encoder", _enable_cache, shipped)
+    assert any("model 'text_encoder': response_cache is enabled" in e and "embed_text asks for EMBEDDING" in e
+               and "fuse_image_text asks for EMBEDDING, SEQUENCE, SEQUENCE_MASK" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("name", ["text_preprocess", "fusion_pooled"])
+def test_a_cache_on_a_model_every_caller_asks_the_same_outputs_of_is_valid(shipped, name):
+    assert validate_one(name, _enable_cache, shipped) == []
+
+
+def test_an_ensemble_change_rechecks_the_cached_models_it_runs(shipped):
+    """A change to embed_image re-checks image_encoder, cached on the server: its callers disagree."""
+    served = {n: autofilled(c) for n, c in shipped.items()}
+    _enable_cache(served["image_encoder"])
+    errors = rc.validate([change("embed_image", load_config(REPO, "embed_image"), None)], served, REPO)
+    assert any("model 'image_encoder': response_cache is enabled" in e for e in errors), errors
+    assert rc.validate([change("embed_image", load_config(REPO, "embed_image"), None)],
+                       {n: autofilled(c) for n, c in shipped.items()}, REPO) == []
+
+
+class _Stats:
+    def __init__(self, misses):
+        self.misses = misses
+
+    def get_inference_statistics(self, name, as_json=False):
+        return {"model_stats": [{"name": name, "inference_stats": {"cache_miss": {"count": str(self.misses[name])}}}]}
+
+
+def test_a_live_change_to_a_model_with_cached_responses_is_refused(shipped):
+    served = autofilled(shipped["text_preprocess"])
+    _enable_cache(served)
+    desired = load_config(REPO, "text_preprocess")
+    c = change("text_preprocess", desired, served)
+    assert rc.cached_responses(_Stats({"text_preprocess": 0}), [c]) == []  # a server without a cache counts no misses
+    refused = rc.cached_responses(_Stats({"text_preprocess": 3}), [c])
+    assert len(refused) == 1 and "3 entries inserted" in refused[0] and "Restart the server" in refused[0]
+    plain = change("text_preprocess", desired, autofilled(shipped["text_preprocess"]))
+    assert rc.cached_responses(_Stats({"text_preprocess": 3}), [plain]) == []  # not cached: never refused
