@@ -1062,6 +1062,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     progress("FLOPs per item ...")
     result["flops"] = model_flops(options.model, longest, int(tokens.shape[1]))
     precision = serving_precision(options.profile, options.device)
+    result["served_precision"] = precision
     limit_dtype = ("bf16" if result["machine"]["bf16_matrix_units"] and precision == "bf16" else "fp32") if cpu \
         else ("fp16" if precision == "fp16" else "fp32")
     peak = result["peak"][limit_dtype]["peak_gflops"] * 1e9
@@ -1196,7 +1197,7 @@ def serving_ceiling(result: dict[str, Any]) -> dict[str, Any] | None:
     limit, prec, pre = result.get("limit") or {}, result.get("precision") or {}, result.get("preprocessing") or {}
     cores = (result.get("machine") or {}).get("cores")
     one_thread = ((result.get("peak") or {}).get(limit.get("dtype")) or {}).get("one_thread_gflops")
-    tower = prec.get(limit.get("dtype")) or {}
+    tower = prec.get(result.get("served_precision") or limit.get("dtype")) or {}  # the tower as served
     if not (cores and one_thread and tower.get("image_per_s") and prec.get("threads") == 1 and pre.get("per_image")):
         return None
     draft = bool(result.get("served_jpeg_draft"))
