@@ -330,7 +330,7 @@ def validate(changes: Sequence[ModelChange], served: Mapping[str, ModelConfig], 
         errors += check_ensemble(ensemble, overlay[ensemble], overlay)
     changed = {c.name for c in changes}
     for name, cfg in overlay.items():
-        if cfg.response_cache.enable and (name in changed or affected_ensembles([name], overlay)):
+        if cfg.response_cache.enable and (name in changed or changed & set(affected_ensembles([name], overlay))):
             errors += check_response_cache(name, overlay)
     return sorted(set(errors), key=errors.index)
 
@@ -339,9 +339,9 @@ def check_response_cache(name: str, configs: Mapping[str, ModelConfig]) -> list[
     """A cached model must be asked for the same outputs by every ensemble step that runs it.
 
     Triton keys a cached response by model, version and inputs, not by the outputs asked for (measured on
-    2.51: image_encoder's response to embed_image, EMBEDDING only, answered fuse_image_text's request for
-    EMBEDDING and SEQUENCE from the cache). A model whose ensembles ask for different outputs would hand one
-    ensemble the other's subset.
+    2.51: text_encoder asked for EMBEDDING and SEQUENCE answered from the entry of a request for EMBEDDING
+    alone, without SEQUENCE). A model whose ensembles ask for different outputs would hand one ensemble
+    the other's subset.
     """
     asked = {}
     for ensemble, cfg in configs.items():

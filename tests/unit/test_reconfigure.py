@@ -262,6 +262,13 @@ def test_an_ensemble_change_rechecks_the_cached_models_it_runs(shipped):
                        {n: autofilled(c) for n, c in shipped.items()}, REPO) == []
 
 
+def test_an_unrelated_change_is_not_held_up_by_a_cached_model(shipped):
+    served = {n: autofilled(c) for n, c in shipped.items()}
+    _enable_cache(served["image_encoder"])  # its callers disagree, but nothing that runs it changes
+    desired = load_config(REPO, "text_preprocess")
+    assert rc.validate([change("text_preprocess", desired, served["text_preprocess"])], served, REPO) == []
+
+
 class _Stats:
     def __init__(self, misses):
         self.misses = misses
