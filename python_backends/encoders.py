@@ -8,18 +8,24 @@ when a caller asks for it.
 Parameters: those of python_backends.openclip_models, plus
 
 ================  ===============================================================
-torch_threads     intra-op threads per instance (default 0: torch's default)
+torch_threads     intra-op threads per instance (default 0: torch's default);
+                  with engine openvino, its inference threads
 trim_text_tokens  text: run the transformer only up to the longest real caption
                   in the batch (default true; exact under the causal mask)
+engine            image: ``torch`` (default) or ``openvino``: the same open_clip
+                  tower, traced and compiled by OpenVINO's CPU plugin at load
+                  (fp32 or bf16, KIND_CPU; README "Performance" has the figures)
 ================  ===============================================================
 """
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Mapping
 
 import numpy as np
 
+from .errors import ConfigError
 from .openclip_models import ClipSpec, load_clip, torch_dtype
 from .params import ModelContext, Params
 from .serving import TensorSpec
@@ -87,12 +93,60 @@ def _patch_embedding_type():
     return PatchEmbedding
 
 
+ENGINES = ("torch", "openvino")
+
+
+def _check_engine(engine: str, device: str, model: str = "") -> None:
+    who = f"model '{model}': " if model else ""
+    if engine not in ENGINES:
+        raise ConfigError(f"{who}engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    if engine == "openvino" and device != "cpu":
+        raise ConfigError(f"{who}engine 'openvino' runs on a KIND_CPU instance; use engine 'torch' on a GPU")
+
+
+class OpenVinoTower:
+    """An open_clip vision tower traced once and compiled by OpenVINO's CPU plugin: pixels -> (pooled, tokens).
+
+    The same module and weights as the torch path; OpenVINO fuses the tower's elementwise work (layer
+    norms, GELU, attention's softmax) into its matrix products. Measured on ViT-B-32, one thread, batch 8-16,
+    on an AVX512-BF16 CPU: bf16 49.6 img/s against torch's 44.6-45, fp32 25.6 against 12.1; cosine vs torch
+    fp32 >= 0.9999 (tests check each). The batch dimension stays dynamic.
+    """
+
+    def __init__(self, visual, precision: str, threads: int, size: tuple[int, int]):
+        import openvino as ov
+        import torch
+
+        if precision not in ("fp32", "bf16"):
+            raise ConfigError(f"engine 'openvino' runs fp32 or bf16 on the CPU, not {precision!r}")
+        visual = visual.float().eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript deprecation and tracer notes
+            # Traced with autograd on: nn.MultiheadAttention then records its plain ops (its fused inference-only
+            # kernel is not an op OpenVINO converts).
+            traced = torch.jit.trace(visual, torch.zeros((2, 3) + tuple(size)), check_trace=False)
+        model = ov.convert_model(traced)
+        model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, *size])})
+        # No CPU pinning: OpenVINO pins its threads by default, and two single-thread instances (two Triton
+        # model processes) were pinned to the same core (measured: 1.12 of 2 cores busy, 44.7 img/s).
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.request.infer([np.ascontiguousarray(pixels, dtype=np.float32)])
+        return np.asarray(out[0]), np.asarray(out[1])
+
+
 class ImageEncoder:
     """PIXELS [B,3,H,W] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,T,W], SEQUENCE_MASK [B,T] on request)."""
 
     inputs = (TensorSpec("PIXELS", "f", row_rank=3), TensorSpec("VALID", "b", optional=True))
 
-    def __init__(self, spec: ClipSpec, device: str = "cpu"):
+    def __init__(self, spec: ClipSpec, device: str = "cpu", engine: str = "torch", threads: int = 0):
+        _check_engine(engine, device)
         model = load_clip(spec, device)
         self.visual = model.visual  # the text tower is dropped with `model`
         self.visual.output_tokens = True
@@ -102,13 +156,19 @@ class ImageEncoder:
         self.embed_dim = int(spec.model_config()["embed_dim"])
         size = self.visual.image_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        self.engine = engine
+        self.openvino = OpenVinoTower(self.visual, spec.precision, threads, size) if engine == "openvino" else None
+        if self.openvino is not None:
+            self.visual = None  # OpenVINO holds its own copy of the weights
         _, probe = self.encode(np.zeros((1, 3) + size, np.float32))  # warm-up; learns the sequence shape
         self.sequence_shape = probe.shape[1:]
 
     @classmethod
     def from_parameters(cls, context: ModelContext, params: Params) -> "ImageEncoder":
         _setup_torch(params)
-        return cls(ClipSpec.from_params(params, context), context.torch_device)
+        spec, engine = ClipSpec.from_params(params, context), params.choice("engine", "torch", ENGINES)
+        _check_engine(engine, context.torch_device, context.model_name)  # also when validated offline
+        return cls(spec, context.torch_device, engine=engine, threads=params.int("torch_threads", 0, minimum=0))
 
     def encode(self, pixels: np.ndarray, sequence: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(L2-normalised pooled [B,D], token sequence [B,T,W] or None) as float32 numpy arrays.
@@ -118,6 +178,11 @@ class ImageEncoder:
         """
         import torch
 
+        if self.openvino is not None:
+            pooled, tokens = self.openvino(pixels)
+            norms = np.linalg.norm(pooled, axis=-1, keepdims=True)
+            pooled = (pooled / np.maximum(norms, 1e-12)).astype(np.float32)  # as torch's F.normalize
+            return pooled, (tokens.astype(np.float32) if sequence else None)
         with torch.inference_mode():
             x = torch.from_numpy(pixels).to(self.device, self.dtype)
             pooled, tokens = self.visual(x)

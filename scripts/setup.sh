@@ -34,6 +34,12 @@ echo "mmfuse setup: installing mmfuse and its dependencies ..."
 echo "mmfuse setup: installing tritonserver (nvidia-pytriton wheel, --no-deps) ..."
 "${PIP[@]}" --no-deps nvidia-pytriton==0.7.0 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
 
+# OpenVINO's runtime, for the image encoder's `engine: openvino`. --no-deps: its one other dependency,
+# openvino-telemetry, makes model conversion report usage over the network (and write ~/intel); without
+# it OpenVINO falls back to its built-in no-op stub. numpy comes from the constraints above.
+echo "mmfuse setup: installing openvino (--no-deps) ..."
+"${PIP[@]}" --no-deps openvino==2026.4.1 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
+
 # The python-backend stub embeds the system's libpython (Debian: libpython3.X).
 if ! ldconfig -p | grep -q "libpython${pyver}.so.1.0"; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -46,7 +52,7 @@ fi
 
 # Check the pieces that cost hours when wrong.
 "$VENV/bin/python" - <<'PY'
-import numpy, open_clip, torch, tritonclient.grpc  # noqa: F401
+import numpy, open_clip, openvino, torch, tritonclient.grpc  # noqa: F401
 from mmfuse.server import find_triton
 assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__version__}: Triton 2.51's stub needs numpy<2"
 install = find_triton()

@@ -51,6 +51,11 @@ def test_every_served_request_succeeded_and_outputs_are_within_tolerance(quick_r
     assert result["preprocessing"]["draft_vs_exact_mean_abs"] < 0.08  # the draft path the profile serves, measured
     assert result["preprocessing"]["draft_vs_exact_embedding_min_cosine"] >= 0.99
     assert result["served_jpeg_draft"] is True and 'key: "jpeg_draft"' in result["configs"]["image_preprocess"]
+    # The image encoder is served by OpenVINO in the cpu profile: its in-process parity, and the served check above
+    # (served bf16 embeddings vs torch fp32 in-process) went through it.
+    assert result["served_engine"] == "openvino" and 'string_value: "openvino"' in result["configs"]["image_encoder"]
+    assert result["precision"]["bf16"]["image_openvino_min_cosine_vs_fp32"] >= 0.99
+    assert result["precision"]["fp32"]["image_openvino_min_cosine_vs_fp32"] >= 0.9999
 
 
 @pytest.mark.timeout(600)

@@ -196,3 +196,17 @@ def test_statistics_delta():
     d = bench.statistics_delta(before, after)["m"]
     assert d["requests"] == 10 and d["mean_request_ms"] == pytest.approx(2.0) and d["queue_ms"] == pytest.approx(2.0)
     assert d["compute_infer_ms"] == pytest.approx(0.5) and d["mean_batch_rows"] == pytest.approx(10.0)
+
+
+def test_the_ceiling_follows_the_served_engine():
+    result = _fake_result()
+    result["precision"]["bf16"]["image_openvino_per_s"] = 50.0
+    result["precision"]["bf16"]["image_openvino_min_cosine_vs_fp32"] = 0.9999
+    torch_ceiling = bench.serving_ceiling(result)
+    result["served_engine"] = "openvino"
+    c = bench.serving_ceiling(result)
+    assert c["engine"] == "openvino" and torch_ceiling["engine"] == "torch"
+    assert c["embed_image_per_s"] == pytest.approx(2 * 1000 / (20.0 + 2.5))  # 50 img/s = 20 ms, + 2.5 ms decoding
+    result["summary"] = bench.summarise(result)
+    assert "image tower (openvino) 20.0 ms" in bench.table(result)
+    assert "image with engine openvino 50.0/s" in bench.table(result)

@@ -278,3 +278,60 @@ def test_bf16_is_close_to_fp32(spec, image_encoder, text_encoder, tokens):
     assert image.dtype == text.dtype == np.float32
     assert_same_embeddings(image, image_encoder({"PIXELS": pixels}, EMBEDDING)["EMBEDDING"], min_cosine=0.99)
     assert_same_embeddings(text, text_encoder({"TOKENS": tokens}, EMBEDDING)["EMBEDDING"], min_cosine=0.99)
+
+
+# -- engine: openvino ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def openvino_encoder(spec) -> ImageEncoder:
+    return ImageEncoder(spec, engine="openvino", threads=1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_openvino_engine_equals_open_clip_at_any_batch_size(openvino_encoder, image_encoder, reference, rows):
+    """The same tower traced and compiled by OpenVINO: open_clip's embeddings and the torch path's sequence."""
+    pixels = random_pixels(rows, seed=rows)
+    out = openvino_encoder({"PIXELS": pixels}, BOTH)
+    assert_same_embeddings(out["EMBEDDING"], reference_image(reference, pixels))
+    torch_path = image_encoder({"PIXELS": pixels}, BOTH)
+    assert out["SEQUENCE"].shape == torch_path["SEQUENCE"].shape and out["SEQUENCE"].dtype == np.float32
+    assert cosine_rows(out["SEQUENCE"].reshape(rows, -1), torch_path["SEQUENCE"].reshape(rows, -1)).min() >= 0.9999
+    np.testing.assert_array_equal(out["SEQUENCE_MASK"], torch_path["SEQUENCE_MASK"])
+
+
+def test_openvino_engine_invalid_rows_and_sequence_on_request(openvino_encoder, reference):
+    pixels = random_pixels(4, seed=7)
+    valid = np.array([[True], [False], [True], [True]])
+    out = openvino_encoder({"PIXELS": pixels, "VALID": valid}, EMBEDDING)
+    assert set(out) == {"EMBEDDING"} and not out["EMBEDDING"][1].any()
+    assert_same_embeddings(out["EMBEDDING"][[0, 2, 3]], reference_image(reference, pixels[[0, 2, 3]]))
+
+
+def test_openvino_engine_in_bf16_is_close_to_fp32(open_clip_tiny, reference):
+    bf16 = ImageEncoder(ClipSpec(TINY, allow_random_init=True, seed=SEED, precision="bf16"), engine="openvino")
+    pixels = random_pixels(4, seed=9)
+    assert_same_embeddings(bf16({"PIXELS": pixels}, EMBEDDING)["EMBEDDING"], reference_image(reference, pixels),
+                           min_cosine=0.99)
+
+
+def test_openvino_engine_from_repository_style_params(open_clip_tiny):
+    params = make_params("image_encoder", model_name=TINY, allow_random_init="true", engine="openvino",
+                         torch_threads="1")
+    encoder = ImageEncoder.from_parameters(ModelContext("image_encoder", None), params)
+    params.reject_unknown()
+    assert encoder.engine == "openvino" and encoder.visual is None  # OpenVINO holds the weights
+
+
+@pytest.mark.parametrize("raw, fragments", [
+    ({"engine": "tensorrt"}, ("engine", "tensorrt", "openvino")),
+])
+def test_unknown_engine_is_a_config_error(open_clip_tiny, raw, fragments):
+    params = make_params("image_encoder", model_name=TINY, allow_random_init="true", **raw)
+    with pytest.raises(ConfigError) as info:
+        ImageEncoder.from_parameters(ModelContext("image_encoder", None), params)
+    assert_names(info.value, *fragments)
+
+
+def test_openvino_engine_needs_a_cpu_instance(open_clip_tiny):
+    with pytest.raises(ConfigError) as info:
+        ImageEncoder(ClipSpec(TINY, allow_random_init=True), device="cuda:0", engine="openvino")
+    assert_names(info.value, "openvino", "KIND_CPU")

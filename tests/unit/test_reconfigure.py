@@ -287,3 +287,18 @@ def test_a_live_change_to_a_model_with_cached_responses_is_refused(shipped):
     assert len(refused) == 1 and "3 entries inserted" in refused[0] and "Restart the server" in refused[0]
     plain = change("text_preprocess", desired, autofilled(shipped["text_preprocess"]))
     assert rc.cached_responses(_Stats({"text_preprocess": 3}), [plain]) == []  # not cached: never refused
+
+
+def test_the_openvino_engine_is_validated_offline(shipped):
+    def openvino(c):
+        c.parameters["engine"].string_value = "openvino"
+
+    def openvino_on_gpu(c):
+        openvino(c)
+        c.instance_group[0].kind = rc.model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+    assert validate_one("image_encoder", openvino, shipped) == []
+    errors = validate_one("image_encoder", openvino_on_gpu, shipped)
+    assert any("model 'image_encoder': engine 'openvino' runs on a KIND_CPU instance" in e for e in errors), errors
+    errors = validate_one("text_encoder", openvino, shipped)  # the text tower has no such parameter
+    assert any("engine" in e for e in errors), errors
