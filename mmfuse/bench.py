@@ -186,7 +186,7 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 def build_repository(target: Path, model_name: str, profile: str, source: Path | None = None,
-                     extra_params: dict[str, dict[str, str]] | None = None, route_sequences: bool | None = None) -> Path:
+                     extra_params: dict[str, dict[str, str]] | None = None) -> Path:
     """A copy of the models the three ensembles need, switched to ``model_name`` with random weights,
     late fusion without a head, and the ``profile``'s settings."""
     from .export import set_fusion_head
@@ -207,8 +207,7 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
     set_fusion_head(target, "fusion", "late", "", has_head=False)
     # Late fusion reads the pooled embeddings only: a late deployment does not route the token sequences
     # (the encoders then skip converting and shipping them); the baseline keeps the shipped routing.
-    set_sequence_routing(target, "fuse_image_text", "fusion",
-                         ROUTE_SEQUENCES[profile] if route_sequences is None else route_sequences)
+    set_sequence_routing(target, "fuse_image_text", "fusion", ROUTE_SEQUENCES[profile])
     for model, tuning in PROFILES[profile].items():
         write_profile_config(target, model, tuning, profile)
     for model, values in (extra_params or {}).items():
