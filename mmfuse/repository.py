@@ -116,6 +116,63 @@ def set_sequence_routing(repository: Path, ensemble: str, fusion_model: str, ena
     return changed
 
 
+# Parameters of image_preprocess that a decoding image encoder (decode_images) takes over.
+DECODING_PARAMETERS = ("max_image_bytes", "max_image_pixels", "decode_threads", "jpeg_draft")
+
+
+def merge_image_decoding(repository: Path, preprocess: str = "image_preprocess",
+                         encoder: str = "image_encoder") -> list[str]:
+    """Let ``encoder`` decode the images itself (its ``decode_images`` parameter) and drop ``preprocess``.
+
+    The encoder's config takes IMAGE (bytes) instead of PIXELS and VALID, answers VALID and STATUS too, and
+    takes the preprocessing model's decoding parameters; every ensemble step pair preprocess -> encoder
+    becomes one encoder step reading the pair's IMAGE and giving what the pair gave. The preprocessing
+    model's folder is removed when no ensemble runs it any more. The ensembles' own inputs and outputs do
+    not change. Returns the ensembles changed; refuses (ValueError, nothing written) an ensemble whose
+    pixels go anywhere else than that encoder.
+    """
+    rewritten = {}
+    for name in ensembles_using(repository, preprocess):
+        config = load_config(repository, name)
+        steps = list(config.ensemble_scheduling.step)
+        for pre in [s for s in steps if s.model_name == preprocess]:
+            pixels = pre.output_map.get("PIXELS")
+            readers = [s for s in steps if pixels and pixels in s.input_map.values()]
+            if len(readers) != 1 or readers[0].model_name != encoder or readers[0].input_map.get("PIXELS") != pixels:
+                raise ValueError(f"ensemble '{name}': the pixels of '{preprocess}' do not go to '{encoder}' alone; "
+                                 f"not merged")
+            step = readers[0]
+            if "VALID" in step.input_map and step.input_map["VALID"] != pre.output_map.get("VALID"):
+                raise ValueError(f"ensemble '{name}': '{encoder}' reads a VALID that '{preprocess}' does not give")
+            step.input_map.clear()
+            step.input_map["IMAGE"] = pre.input_map["IMAGE"]
+            for key in ("VALID", "STATUS"):
+                if key in pre.output_map:
+                    step.output_map[key] = pre.output_map[key]
+            config.ensemble_scheduling.step.remove(pre)
+        rewritten[name] = config
+    if not rewritten:
+        return []
+    pre_config, config = load_config(repository, preprocess), load_config(repository, encoder)
+    image = next(t for t in pre_config.input if t.name == "IMAGE")
+    del config.input[:]
+    config.input.add().CopyFrom(image)
+    for output in pre_config.output:
+        if output.name in ("VALID", "STATUS") and output.name not in {o.name for o in config.output}:
+            config.output.add().CopyFrom(output)
+    values = parameters(pre_config)
+    for key in DECODING_PARAMETERS:
+        if key in values and key not in config.parameters:
+            config.parameters[key].string_value = values[key]
+    config.parameters["decode_images"].string_value = "true"
+    save_config(repository, encoder, config)
+    for name, ensemble in rewritten.items():
+        save_config(repository, name, ensemble)
+    if not ensembles_using(repository, preprocess):
+        shutil.rmtree(Path(repository) / preprocess)
+    return sorted(rewritten)
+
+
 def models(repository: Path) -> list[str]:
     return sorted(p.name for p in Path(repository).iterdir() if (p / "config.pbtxt").is_file())
 

@@ -335,3 +335,51 @@ def test_openvino_engine_needs_a_cpu_instance(open_clip_tiny):
     with pytest.raises(ConfigError) as info:
         ImageEncoder(ClipSpec(TINY, allow_random_init=True), device="cuda:0", engine="openvino")
     assert_names(info.value, "openvino", "KIND_CPU")
+
+
+# -- decode_images: image_preprocess and image_encoder in one handler ------------------------------------------------
+def photo(seed: int, size=(96, 72), fmt="JPEG") -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("engine", ["torch", "openvino"])
+def test_decoding_encoder_equals_preprocess_then_encode(open_clip_tiny, engine):
+    """Same EMBEDDING, VALID and STATUS as the two handlers one after the other; a bad row stays its own."""
+    from python_backends.image_preprocess import ImagePreprocessor
+    from tests.unit.conftest import bytes_column
+
+    params = make_params("image_encoder", model_name=TINY, allow_random_init="true", seed="3", engine=engine,
+                         torch_threads="1", decode_images="true", decode_threads="2", max_image_bytes="100000")
+    fused = ImageEncoder.from_parameters(ModelContext("image_encoder", None), params)
+    params.reject_unknown()  # the preprocessing parameters are read, not refused
+    assert [s.name for s in fused.inputs] == ["IMAGE"]
+    rows = bytes_column([photo(1), b"not an image", b"", photo(2, fmt="PNG"), b"x" * 100001])
+    out = fused({"IMAGE": rows}, frozenset({"EMBEDDING", "VALID", "STATUS"}))
+    pre = ImagePreprocessor(ClipSpec(TINY), decode_threads=1)
+    split = pre({"IMAGE": rows}, frozenset({"PIXELS"}))
+    encoder = ImageEncoder(ClipSpec(TINY, allow_random_init=True, seed=3), engine=engine, threads=1)
+    expected = encoder({"PIXELS": split["PIXELS"], "VALID": split["VALID"]}, EMBEDDING)["EMBEDDING"]
+    assert out["STATUS"].reshape(-1).tolist() == [b"ok", b"undecodable", b"missing", b"ok", b"too_large"]
+    np.testing.assert_array_equal(out["VALID"], split["VALID"])
+    np.testing.assert_allclose(out["EMBEDDING"], expected, atol=1e-6)
+    assert not out["EMBEDDING"][[1, 2, 4]].any() and out["EMBEDDING"][[0, 3]].any()
+    assert "SEQUENCE" not in out
+    fused.close()
+    pre.close()
+
+
+def test_decoding_encoder_gives_the_sequence_on_request(open_clip_tiny):
+    params = make_params("image_encoder", model_name=TINY, allow_random_init="true", decode_images="true")
+    fused = ImageEncoder.from_parameters(ModelContext("image_encoder", None), params)
+    from tests.unit.conftest import bytes_column
+
+    out = fused({"IMAGE": bytes_column([photo(5), b""])}, BOTH)
+    assert out["SEQUENCE"].shape[0] == 2 and out["SEQUENCE_MASK"][0].all() and not out["SEQUENCE_MASK"][1].any()
+    fused.close()
