@@ -21,7 +21,9 @@ a shared machine where absolute figures move with the load:
   fuse_image_text, then fuse_image_text at a fixed rate of 70 % of its peak for p50/p95/p99, and the
   fusion step's share of the end-to-end p50 from Triton's statistics API;
 * the ceiling: the in-process image tower plus its image's decoding on every core, with no serving
-  overhead at all: served/limit cannot pass it on this machine with these kernels.
+  overhead at all: served/limit cannot pass it on this machine with these kernels. Computed from the
+  one-thread figures above, and measured: one process per core, each decoding and encoding batches of
+  the bench's images in a loop, all at once (the served path without Triton, gRPC or a client).
 
 Profiles are data (``PROFILES``), each setting with the measurement that chose it; ``baseline`` is
 the shipped repository's settings (fp32, one instance of each model, one thread) for the before/after
@@ -92,15 +94,16 @@ PROFILES: dict[str, dict[str, Tuning]] = {
     # CPU: measured on the 2-core development machine (README "Performance" has the figures).
     "cpu": {
         "image_preprocess": Tuning(
-            count=1, delay_us=2000, params={"decode_threads": "2", "jpeg_draft": "true"},
-            why="exact decode + resize of a 640x480 JPEG is 3.3-5.3 ms of one core (decode 1.0-1.3, resize 1.9-2.9, "
-                "tensor tail 0.1), 13-16 % of the bf16 ViT-B-32 image tower's time per image in the served "
-                "statistics: the CPU the encoders need. jpeg_draft (libjpeg's DCT scaling to the smallest size that "
-                "still covers the resize: 320x240 here) measured 1.9x faster (5.30 -> 2.77 ms; 3.25 -> 1.86 ms) at a "
-                "mean pixel difference of 0.017 (about one grey level) and embedding cosine >= 0.9999 against exact "
-                "decoding. One instance keeps up; 2 decode threads (PIL frees the GIL) measured the same as 1 when "
-                "the encoders hold both cores, and lower latency when a core is free; 2 ms gathers the rows of "
-                "concurrent requests"),
+            count=1, delay_us=2000, params={"decode_threads": "1", "jpeg_draft": "true"},
+            why="merged into image_encoder (MERGE_IMAGE_DECODING): each encoder instance decodes its own batch, then "
+                "runs it, so the two instances keep both cores busy without a decoding process between them; served "
+                "A/B, two runs each, same session: embed_image 81.0 and 82.8 img/s merged vs 81.4 and 80.0 separate, "
+                "fuse_image_text 71.8 and 71.0 vs 68.7 and 69.7. decode_threads 1: an instance's decoding thread "
+                "would only take the core its tower needs. exact decode + resize of a 640x480 JPEG is 3.3-5.3 ms of "
+                "one core (decode 1.0-1.3, resize 1.9-2.9, tensor tail 0.1), 13-16 % of the bf16 tower's time per "
+                "image; jpeg_draft (libjpeg's DCT scaling to the smallest size that still covers the resize: 320x240 "
+                "here) measured 1.9x faster (5.30 -> 2.77 ms; 3.25 -> 1.86 ms) at a mean pixel difference of 0.017 "
+                "(about one grey level) and embedding cosine >= 0.9999 against exact decoding"),
         "image_encoder": Tuning(
             count=2, preferred=(4, 8), delay_us=5000,
             params={"precision": "bf16", "torch_threads": "1", "engine": "openvino"},
@@ -153,6 +156,13 @@ PROFILES: dict[str, dict[str, Tuning]] = {
 ROUTE_SEQUENCES = {"baseline": True, "cpu": False, "gpu": False}
 
 
+# Whether the image encoder decodes the images itself (image_preprocess folded into it by
+# mmfuse.repository.merge_image_decoding; its parameters go to the encoder). On the CPU the two share the same
+# cores, and one process per instance saves a hop per image; on a GPU decoding needs CPU threads of its own
+# beside the device's work, so it stays a model of its own.
+MERGE_IMAGE_DECODING = {"baseline": False, "cpu": True, "gpu": False}
+
+
 def write_profile_config(repository: Path, model: str, tuning: Tuning, profile: str) -> None:
     """Apply ``tuning`` to ``repository/model/config.pbtxt``, with the reasons as comments above it."""
     from google.protobuf import text_format
@@ -190,7 +200,7 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
     """A copy of the models the three ensembles need, switched to ``model_name`` with random weights,
     late fusion without a head, and the ``profile``'s settings."""
     from .export import set_fusion_head
-    from .repository import set_parameters, set_sequence_routing
+    from .repository import merge_image_decoding, set_parameters, set_sequence_routing
     from .server import DEFAULT_MODEL_REPOSITORY
 
     source = Path(source or DEFAULT_MODEL_REPOSITORY)
@@ -212,7 +222,27 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
         write_profile_config(target, model, tuning, profile)
     for model, values in (extra_params or {}).items():
         set_parameters(target, model, values)
+    if MERGE_IMAGE_DECODING[profile]:
+        # The preprocessing model's reasons go with its parameters, below the encoder's own.
+        notes = _header(target / "image_preprocess" / "config.pbtxt")
+        merge_image_decoding(target)
+        path = target / "image_encoder" / "config.pbtxt"
+        head = _header(path)
+        path.write_text("\n".join(head + notes + path.read_text().splitlines()[len(head):]) + "\n")
     return target
+
+
+def _header(path: Path) -> list[str]:
+    lines = path.read_text().splitlines()
+    return lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
+
+
+def image_decoding_parameters(repository: Path) -> dict[str, str]:
+    """The parameters of whichever model decodes the images: image_preprocess, or a decoding image_encoder."""
+    from .repository import load_config, parameters
+
+    model = "image_preprocess" if (repository / "image_preprocess").is_dir() else "image_encoder"
+    return parameters(load_config(repository, model))
 
 
 # -- machine ---------------------------------------------------------------------------------------------------------
@@ -740,6 +770,65 @@ def profile_handlers(model_name: str, profile: str, images: Sequence[bytes], cap
     return out
 
 
+def _ceiling_worker(model_name: str, precision: str, engine: str, draft: bool, images: Sequence[bytes], batch: int,
+                    seconds: float, barrier, queue) -> None:
+    """One core of the measured ceiling: decode and encode batches in a loop, one thread, no serving."""
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+        from python_backends.encoders import DecodingImageEncoder, ImageEncoder
+        from python_backends.image_preprocess import ImagePreprocessor
+        from python_backends.openclip_models import ClipSpec, register_model_configs
+
+        register_model_configs()
+        handler = DecodingImageEncoder(
+            ImagePreprocessor(ClipSpec(model_name), decode_threads=1, jpeg_draft=draft),
+            ImageEncoder(ClipSpec(model_name, allow_random_init=True, seed=0, precision=precision), engine=engine,
+                         threads=1))
+        column, embed = _bytes_column([images[i % len(images)] for i in range(batch)]), frozenset({"EMBEDDING"})
+        for _ in range(2):
+            handler({"IMAGE": column}, embed)
+        barrier.wait(timeout=900)
+        started, done = time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            handler({"IMAGE": column}, embed)
+            done += batch
+        queue.put(done / (time.perf_counter() - started))
+    except Exception as error:  # noqa: BLE001 - reported by the parent
+        barrier.abort()
+        queue.put(f"{type(error).__name__}: {error}")
+
+
+def measured_ceiling(model_name: str, precision: str, engine: str, draft: bool, images: Sequence[bytes],
+                     seconds: float, batch: int = 8, workers: int | None = None) -> dict[str, Any]:
+    """embed_image's work with no serving at all, measured: ``workers`` processes (one per core), each
+    decoding and encoding batches in one thread, all at the same time. What they do together bounds what a
+    server on this machine can serve (it does the same work, plus Triton, gRPC and the client's)."""
+    import multiprocessing
+
+    workers = workers or os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch state forked
+    barrier, queue = context.Barrier(workers), context.Queue()
+    processes = [context.Process(target=_ceiling_worker, daemon=True,
+                                 args=(model_name, precision, engine, draft, list(images), batch, seconds, barrier, queue))
+                 for _ in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        rates = [queue.get(timeout=900 + seconds) for _ in processes]
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    errors = [r for r in rates if isinstance(r, str)]
+    if errors:
+        raise RuntimeError(f"measured ceiling: {errors[0]}")
+    return {"workers": workers, "batch": batch, "engine": engine, "precision": precision, "jpeg_draft": draft,
+            "seconds": seconds, "per_worker_per_s": rates, "embed_image_per_s": float(sum(rates))}
+
+
 # -- served ---------------------------------------------------------------------------------------------------------
 def _bytes_column(items: Sequence[bytes | str]) -> np.ndarray:
     column = np.empty((len(items), 1), dtype=object)
@@ -1115,6 +1204,19 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
         result["profile_handlers"] = profile_handlers(options.model, options.profile, images, captions, batch,
                                                       options.seconds / 2)
     gc.collect()
+    if cpu:
+        served_tuning = PROFILES[options.profile]
+        draft = options.jpeg_draft
+        if draft is None:
+            draft = served_tuning["image_preprocess"].params.get("jpeg_draft", "false") == "true"
+        engine = served_tuning["image_encoder"].params.get("engine", "torch")
+        progress(f"ceiling: decoding + image tower ({engine}, {precision}) on every core, no serving ...")
+        try:
+            result["ceiling_measured"] = measured_ceiling(options.model, precision, engine, draft, images,
+                                                          seconds=2 * options.seconds, batch=4 if options.quick else 8)
+        except RuntimeError as error:
+            progress(f"  not measured: {error}")
+        gc.collect()
     if options.served:
         with tempfile.TemporaryDirectory(prefix="mmfuse-bench-") as tmp:
             tmp = Path(tmp)
@@ -1128,8 +1230,9 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
                                                    "fp32", fixed_rate=False, check_outputs=False)
             progress(f"served: profile {options.profile!r} ...")
             repo = build_repository(tmp / options.profile, options.model, options.profile, extra_params=extra)
-            result["configs"] = {m: (repo / m / "config.pbtxt").read_text() for m in OPEN_CLIP_MODELS + ("fuse_image_text",)}
-            result["served_jpeg_draft"] = parameters(load_config(repo, "image_preprocess")).get("jpeg_draft") == "true"
+            result["configs"] = {m: (repo / m / "config.pbtxt").read_text() for m in OPEN_CLIP_MODELS + ("fuse_image_text",)
+                                 if (repo / m / "config.pbtxt").is_file()}
+            result["served_jpeg_draft"] = image_decoding_parameters(repo).get("jpeg_draft") == "true"
             result["served_engine"] = parameters(load_config(repo, "image_encoder")).get("engine", "torch")
             result["served"] = served(repo, options.model, images, captions, options.plan, tmp / "logs", precision)
         del torch
@@ -1196,6 +1299,13 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     ceiling = serving_ceiling(result)
     if ceiling:
         summary["ceiling"] = ceiling
+    measured = result.get("ceiling_measured")
+    if measured:
+        entry = {"embed_image_per_s": measured["embed_image_per_s"],
+                 "embed_image_over_limit": measured["embed_image_per_s"] / limit["embed_image_per_s"]}
+        if "embed_image" in summary:
+            entry["served_over_ceiling"] = summary["embed_image"]["served_per_s"] / measured["embed_image_per_s"]
+        summary["ceiling_measured"] = entry
     if served_.get("outputs"):
         summary["served_min_cosine_vs_fp32"] = min(served_["outputs"]["image_min_cosine_vs_fp32_in_process"],
                                                    served_["outputs"]["text_min_cosine_vs_fp32_in_process"])
@@ -1286,6 +1396,13 @@ def table(result: dict[str, Any]) -> str:
                      f"{'jpeg_draft' if c['jpeg_draft'] else 'exact'} decoding and resizing {c['preprocess_ms_per_image']:.1f} ms "
                      f"per image = {c['embed_image_per_s']:.1f} img/s on {m['cores']} cores = {c['embed_image_over_limit']:.2f} "
                      "of the limit")
+    cm, raw = s.get("ceiling_measured"), result.get("ceiling_measured")
+    if cm and raw:
+        lines.append(f"ceiling measured: {raw['workers']} processes at once, each decoding and encoding batches of "
+                     f"{raw['batch']} in one thread ({raw['engine']}, {raw['precision']}, "
+                     f"{'jpeg_draft' if raw['jpeg_draft'] else 'exact'} decoding), no server: "
+                     f"{cm['embed_image_per_s']:.1f} img/s = {cm['embed_image_over_limit']:.2f} of the limit"
+                     + (f"; served embed_image = {cm['served_over_ceiling']:.2f} of it" if "served_over_ceiling" in cm else ""))
     plan = result["options"]["plan"]
     if served_:
         lines.append(f"(closed loop: {plan['concurrency']} requests in flight of {plan['rows']} rows, "

@@ -50,7 +50,9 @@ def test_every_served_request_succeeded_and_outputs_are_within_tolerance(quick_r
     assert result["preprocessing"]["exact_vs_open_clip_max_abs"] == 0.0  # the fast tail is bit-identical
     assert result["preprocessing"]["draft_vs_exact_mean_abs"] < 0.08  # the draft path the profile serves, measured
     assert result["preprocessing"]["draft_vs_exact_embedding_min_cosine"] >= 0.99
-    assert result["served_jpeg_draft"] is True and 'key: "jpeg_draft"' in result["configs"]["image_preprocess"]
+    # The cpu profile folds image decoding into the image encoder (decode_images): no image_preprocess model.
+    assert "image_preprocess" not in result["configs"] and 'key: "decode_images"' in result["configs"]["image_encoder"]
+    assert result["served_jpeg_draft"] is True and 'key: "jpeg_draft"' in result["configs"]["image_encoder"]
     # The image encoder is served by OpenVINO in the cpu profile: its in-process parity, and the served check above
     # (served bf16 embeddings vs torch fp32 in-process) went through it.
     assert result["served_engine"] == "openvino" and 'string_value: "openvino"' in result["configs"]["image_encoder"]
@@ -70,13 +72,18 @@ def test_limit_ratios_and_statistics_are_consistent(quick_run):
         assert e["served_over_naive"] == pytest.approx(e["served_per_s"] / e["naive_per_s"])
     at_load = result["served"]["fuse_image_text_at_load"]
     models = at_load["models"]
-    for model in ("fuse_image_text", "image_preprocess", "image_encoder", "text_preprocess", "text_encoder", "fusion"):
+    for model in ("fuse_image_text", "image_encoder", "text_preprocess", "text_encoder", "fusion"):
         assert models[model]["requests"] > 0, model
+    assert "image_preprocess" not in models
     assert at_load["fusion_ms"] == pytest.approx(models["fusion"]["mean_request_ms"])
     assert 0 < at_load["fusion_share_of_p50"] < 1
     # Late fusion, served as a late deployment: the encoders' token sequences are not routed to the fusion step.
     assert "SEQUENCE" not in result["configs"]["fuse_image_text"]
     assert result["summary"]["ceiling"]["embed_image_over_limit"] > 0
+    measured = result["ceiling_measured"]  # every core decoding and encoding at once, no server
+    assert measured["workers"] == result["machine"]["cores"] and min(measured["per_worker_per_s"]) > 0
+    assert s["ceiling_measured"]["served_over_ceiling"] == pytest.approx(
+        s["embed_image"]["served_per_s"] / measured["embed_image_per_s"])
     for model in ("image_encoder", "text_encoder"):
         assert "# mmfuse bench profile 'cpu'" in result["configs"][model]
         assert 'string_value: "bf16"' in result["configs"][model]

@@ -56,8 +56,10 @@ def test_inputs_are_deterministic_jpegs():
 @pytest.mark.parametrize("profile", sorted(bench.PROFILES))
 def test_generated_repository(tmp_path, profile):
     repo = bench.build_repository(tmp_path / "repo", "ViT-B-32", profile)
-    assert sorted(p.name for p in repo.iterdir()) == sorted(bench.BENCH_MODELS)
-    for model in bench.OPEN_CLIP_MODELS:
+    merged = bench.MERGE_IMAGE_DECODING[profile]
+    expected = [m for m in bench.BENCH_MODELS if not (merged and m == "image_preprocess")]
+    assert sorted(p.name for p in repo.iterdir()) == sorted(expected)
+    for model in [m for m in bench.OPEN_CLIP_MODELS if m in expected]:
         params = parameters(load_config(repo, model))
         assert params["model_name"] == "ViT-B-32" and params["pretrained"] == ""
         if model.endswith("encoder"):
@@ -66,6 +68,15 @@ def test_generated_repository(tmp_path, profile):
     assert fusion["strategy"] == "late" and fusion["head_dir"] == ""
     assert "SCORE" not in [o.name for o in load_config(repo, "fuse_image_text").output]
     for model, tuning in bench.PROFILES[profile].items():
+        if merged and model == "image_preprocess":
+            # Folded into the encoder: its parameters and its reasons are there.
+            text = (repo / "image_encoder" / "config.pbtxt").read_text()
+            assert f"# mmfuse bench profile '{profile}' for image_preprocess:" in text
+            encoder = parameters(load_config(repo, "image_encoder"))
+            assert encoder["decode_images"] == "true"
+            assert all(encoder[key] == value for key, value in tuning.params.items())
+            assert [t.name for t in load_config(repo, "image_encoder").input] == ["IMAGE"]
+            continue
         config = load_config(repo, model)
         text = (repo / model / "config.pbtxt").read_text()
         assert text.startswith(f"# mmfuse bench profile '{profile}' for {model}:")
@@ -153,6 +164,8 @@ def _fake_result() -> dict:
                                         "lookup_table_tail_ms": 0.1, "open_clip_transform_path_ms": 5.2,
                                         "exact_path_ms": 5.0, "jpeg_draft_path_ms": 2.5}},
         "served_jpeg_draft": True,
+        "ceiling_measured": {"workers": 2, "batch": 8, "engine": "openvino", "precision": "bf16", "jpeg_draft": True,
+                             "seconds": 8.0, "per_worker_per_s": [31.0, 29.0], "embed_image_per_s": 60.0},
         "text_trimming": {"speedup": 4.0, "trimmed_vs_padded": {"fp32": {"max_abs_diff": 1e-7}}, "precision": "bf16",
                           "batch": 64, "mean_tokens": 9.0, "longest_tokens": 14, "context_length": 77,
                           "trimmed_per_s": 400.0, "padded_per_s": 100.0},
@@ -175,8 +188,10 @@ def test_summary_ratios_and_table():
     text = bench.table(result)
     for fragment in ("| peak matmul bf16 | 800 GFLOP/s", "| embed_image | 50.0 | 100.0 | 0.50 | 5.0 | 10.0x |",
                      "p99/p50 1.40", "1.0% of p50", "4.0x", "served/limit", "served/naive", "500 requests measured",
-                     "= 72.7 img/s on 2 cores = 0.73 of the limit"):
+                     "= 72.7 img/s on 2 cores = 0.73 of the limit",
+                     "no server: 60.0 img/s = 0.60 of the limit; served embed_image = 0.83 of it"):
         assert fragment in text, fragment
+    assert s["ceiling_measured"]["served_over_ceiling"] == pytest.approx(50 / 60)
 
 
 def test_json_has_no_nan(tmp_path):
@@ -210,3 +225,17 @@ def test_the_ceiling_follows_the_served_engine():
     result["summary"] = bench.summarise(result)
     assert "image tower (openvino) 20.0 ms" in bench.table(result)
     assert "image with engine openvino 50.0/s" in bench.table(result)
+
+
+def test_measured_ceiling_runs_every_worker_at_once(open_clip_tiny):
+    """Real processes, real handlers (tiny model): one rate per worker, their sum the ceiling."""
+    images, _ = bench.bench_inputs(2, 96, 72)
+    c = bench.measured_ceiling(TINY, "fp32", "torch", True, images, seconds=0.3, batch=2, workers=2)
+    assert len(c["per_worker_per_s"]) == 2 and all(rate > 0 for rate in c["per_worker_per_s"])
+    assert c["embed_image_per_s"] == pytest.approx(sum(c["per_worker_per_s"]))
+
+
+def test_a_failing_ceiling_worker_is_reported_not_hung(open_clip_tiny):
+    images, _ = bench.bench_inputs(1, 96, 72)
+    with pytest.raises(RuntimeError, match="measured ceiling"):
+        bench.measured_ceiling("no-such-model", "fp32", "torch", False, images, seconds=0.1, workers=2)
