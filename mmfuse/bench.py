@@ -200,7 +200,7 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
     """A copy of the models the three ensembles need, switched to ``model_name`` with random weights,
     late fusion without a head, and the ``profile``'s settings."""
     from .export import set_fusion_head
-    from .repository import merge_image_decoding, set_parameters, set_sequence_routing
+    from .repository import set_parameters, set_sequence_routing
     from .server import DEFAULT_MODEL_REPOSITORY
 
     source = Path(source or DEFAULT_MODEL_REPOSITORY)
@@ -218,18 +218,33 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
     # Late fusion reads the pooled embeddings only: a late deployment does not route the token sequences
     # (the encoders then skip converting and shipping them); the baseline keeps the shipped routing.
     set_sequence_routing(target, "fuse_image_text", "fusion", ROUTE_SEQUENCES[profile])
-    for model, tuning in PROFILES[profile].items():
-        write_profile_config(target, model, tuning, profile)
-    for model, values in (extra_params or {}).items():
-        set_parameters(target, model, values)
-    if MERGE_IMAGE_DECODING[profile]:
-        # The preprocessing model's reasons go with its parameters, below the encoder's own.
-        notes = _header(target / "image_preprocess" / "config.pbtxt")
-        merge_image_decoding(target)
-        path = target / "image_encoder" / "config.pbtxt"
-        head = _header(path)
-        path.write_text("\n".join(head + notes + path.read_text().splitlines()[len(head):]) + "\n")
+    apply_profile(target, profile, extra_params=extra_params)
     return target
+
+
+def apply_profile(repository: Path, profile: str, merge_decoding: bool | None = None,
+                  extra_params: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """Write ``profile``'s settings (instances, batching, parameters, with their reasons) into the models of
+    ``repository`` that it tunes, and fold image decoding into the image encoder where the profile does
+    (``MERGE_IMAGE_DECODING``; ``merge_decoding`` overrides it). Models, weights, fusion and the ensembles'
+    public tensors are left as they are. Returns the models tuned."""
+    from .repository import merge_image_decoding, set_parameters
+
+    repository = Path(repository)
+    tuned = [m for m in PROFILES[profile] if (repository / m / "config.pbtxt").is_file()]
+    for model in tuned:
+        write_profile_config(repository, model, PROFILES[profile][model], profile)
+    for model, values in (extra_params or {}).items():
+        set_parameters(repository, model, values)
+    merge = MERGE_IMAGE_DECODING[profile] if merge_decoding is None else merge_decoding
+    if merge and (repository / "image_preprocess").is_dir() and (repository / "image_encoder").is_dir():
+        # The preprocessing model's reasons go with its parameters, below the encoder's own.
+        notes = _header(repository / "image_preprocess" / "config.pbtxt")
+        if merge_image_decoding(repository):
+            path = repository / "image_encoder" / "config.pbtxt"
+            head = _header(path)
+            path.write_text("\n".join(head + notes + path.read_text().splitlines()[len(head):]) + "\n")
+    return tuned
 
 
 def _header(path: Path) -> list[str]:

@@ -1,4 +1,5 @@
-"""A repository whose image encoder decodes the images itself (``decode_images``), on a real tritonserver.
+"""A repository whose image encoder decodes the images itself (``decode_images``), on a real tritonserver;
+and `mmfuse apply-profile cpu`, which gives one, on the user's model.
 
 ``mmfuse.repository.merge_image_decoding`` folds image_preprocess into image_encoder (one process per
 instance instead of two; the bench's cpu profile serves it). The public ensembles must not notice: same
@@ -82,3 +83,37 @@ def test_fuse_image_text_keeps_the_text_path_of_a_malformed_image(merged, refere
     for data, text, fused in zip(photo_bytes, CAPTIONS, clean.fused):
         expected = 0.5 * reference.image(data) + 0.5 * reference.text(text)
         assert cosine(fused, expected) >= 0.999
+
+
+# -- `mmfuse apply-profile cpu`: the bench's cpu settings on the user's models, served --------------------------------
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, checkpoint):
+    from mmfuse.cli import main
+
+    source = tiny_repository(tmp_path_factory.mktemp("untuned") / "model_repository", checkpoint)
+    out = tmp_path_factory.mktemp("tuned") / "model_repository"
+    assert main(["apply-profile", "cpu", "--model-repository", str(source), "--out", str(out)]) == 0
+    server = start_server(out, tmp_path_factory.mktemp("tuned-logs") / "tritonserver")
+    yield server
+    server.stop()
+
+
+def test_the_cpu_profile_serves_the_users_model(tuned, reference, photo_bytes):
+    import tritonclient.grpc as grpcclient
+
+    from clients import MMFuseClient
+
+    with grpcclient.InferenceServerClient(tuned.grpc_url) as client:
+        config = client.get_model_config("image_encoder", as_json=True)["config"]
+    assert int(config["instance_group"][0]["count"]) == 2  # one per core, as the profile measured
+    assert config["parameters"]["decode_images"]["string_value"] == "true"
+    assert config["parameters"]["precision"]["string_value"] == "bf16"
+    with MMFuseClient(tuned.grpc_url, timeout_s=60) as client:
+        images = client.embed_image(photo_bytes)
+        fused = client.fuse_image_text(photo_bytes, CAPTIONS)
+    assert images.status == ["ok"] * 3 and fused.status == [["ok", "ok"]] * 3
+    # bf16, OpenVINO, reduced-size decoding: within the profile's tolerance of open_clip fp32 with exact decoding.
+    for data, text, image, both in zip(photo_bytes, CAPTIONS, images.embedding, fused.fused):
+        assert cosine(image, reference.image(data)) >= 0.99
+        expected = 0.5 * reference.image(data) + 0.5 * reference.text(text)
+        assert cosine(both, expected) >= 0.99
