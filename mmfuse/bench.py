@@ -1219,12 +1219,14 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
         result["profile_handlers"] = profile_handlers(options.model, options.profile, images, captions, batch,
                                                       options.seconds / 2)
     gc.collect()
+    # What the profile serves (the served run reads them back from its generated repository).
+    served_tuning = PROFILES[options.profile]
+    draft = options.jpeg_draft
+    if draft is None:
+        draft = served_tuning["image_preprocess"].params.get("jpeg_draft", "false") == "true"
+    engine = served_tuning["image_encoder"].params.get("engine", "torch")
+    result["served_jpeg_draft"], result["served_engine"] = draft, engine
     if cpu:
-        served_tuning = PROFILES[options.profile]
-        draft = options.jpeg_draft
-        if draft is None:
-            draft = served_tuning["image_preprocess"].params.get("jpeg_draft", "false") == "true"
-        engine = served_tuning["image_encoder"].params.get("engine", "torch")
         progress(f"ceiling: decoding + image tower ({engine}, {precision}) on every core, no serving ...")
         try:
             result["ceiling_measured"] = measured_ceiling(options.model, precision, engine, draft, images,
