@@ -57,6 +57,10 @@ def test_every_served_request_succeeded_and_outputs_are_within_tolerance(quick_r
     # (served bf16 embeddings vs torch fp32 in-process) went through it.
     assert result["served_engine"] == "openvino" and 'string_value: "openvino"' in result["configs"]["image_encoder"]
     assert result["precision"]["bf16"]["image_openvino_min_cosine_vs_fp32"] >= 0.99
+    # The text tower too (one OpenVINO graph for every trimmed length).
+    assert 'string_value: "openvino"' in result["configs"]["text_encoder"]
+    assert result["precision"]["bf16"]["text_openvino_min_cosine_vs_fp32"] >= 0.99
+    assert result["precision"]["fp32"]["text_openvino_min_cosine_vs_fp32"] >= 0.9999
     assert result["precision"]["fp32"]["image_openvino_min_cosine_vs_fp32"] >= 0.9999
 
 

@@ -224,7 +224,10 @@ def test_the_ceiling_follows_the_served_engine():
     assert c["embed_image_per_s"] == pytest.approx(2 * 1000 / (20.0 + 2.5))  # 50 img/s = 20 ms, + 2.5 ms decoding
     result["summary"] = bench.summarise(result)
     assert "image tower (openvino) 20.0 ms" in bench.table(result)
-    assert "image with engine openvino 50.0/s" in bench.table(result)
+    assert "engine openvino: image 50.0/s" in bench.table(result)
+    result["precision"]["bf16"].update(text_openvino_per_s=330.0, text_openvino_min_cosine_vs_fp32=0.9998)
+    assert "engine openvino: image 50.0/s, cosine vs torch fp32 >= 0.9999; text 330/s, cosine >= 0.9998)" in \
+        bench.table(result)
 
 
 def test_measured_ceiling_runs_every_worker_at_once(open_clip_tiny):

@@ -337,6 +337,49 @@ def test_openvino_engine_needs_a_cpu_instance(open_clip_tiny):
     assert_names(info.value, "openvino", "KIND_CPU")
 
 
+# -- text engine: openvino -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def openvino_text(spec) -> TextEncoder:
+    return TextEncoder(spec, engine="openvino", threads=1)
+
+
+@pytest.mark.parametrize("rows", [[0], [1, 3], [0, 1, 2, 3], [3, 3, 2, 1, 0, 0, 1, 2]])
+def test_openvino_text_equals_open_clip_at_any_length(openvino_text, text_encoder, reference, tokens, rows):
+    """One traced graph for every trimmed length (the batches here trim to different lengths) and batch size."""
+    batch = tokens[rows]
+    out = openvino_text({"TOKENS": batch}, BOTH)
+    assert_same_embeddings(out["EMBEDDING"], reference_text(reference, batch))
+    torch_path = text_encoder({"TOKENS": batch}, BOTH)
+    assert out["SEQUENCE"].shape == torch_path["SEQUENCE"].shape == (len(rows), 77, 64)
+    np.testing.assert_allclose(out["SEQUENCE"], torch_path["SEQUENCE"], atol=1e-4)  # padding zeroed in both
+    np.testing.assert_array_equal(out["SEQUENCE_MASK"], torch_path["SEQUENCE_MASK"])
+
+
+def test_openvino_text_untrimmed_and_invalid_rows(spec, reference, tokens):
+    untrimmed = TextEncoder(spec, trim=False, engine="openvino", threads=1)  # the full 77 tokens through the graph
+    valid = np.array([[True], [False], [True], [True]])
+    out = untrimmed({"TOKENS": tokens, "VALID": valid}, EMBEDDING)
+    assert set(out) == {"EMBEDDING"} and not out["EMBEDDING"][1].any()
+    assert_same_embeddings(out["EMBEDDING"][[0, 2, 3]], reference_text(reference, tokens[[0, 2, 3]]))
+
+
+def test_openvino_text_in_bf16_is_close_to_fp32(open_clip_tiny, reference, tokens):
+    bf16 = TextEncoder(ClipSpec(TINY, allow_random_init=True, seed=SEED, precision="bf16"), engine="openvino")
+    assert_same_embeddings(bf16({"TOKENS": tokens}, EMBEDDING)["EMBEDDING"], reference_text(reference, tokens),
+                           min_cosine=0.99)
+
+
+def test_openvino_text_from_repository_style_params(open_clip_tiny):
+    params = make_params("text_encoder", model_name=TINY, allow_random_init="true", engine="openvino",
+                         torch_threads="1", trim_text_tokens="true")
+    encoder = TextEncoder.from_parameters(ModelContext("text_encoder", None), params)
+    params.reject_unknown()
+    assert encoder.engine == "openvino" and encoder.model is None  # OpenVINO holds the weights
+    with pytest.raises(ConfigError) as info:
+        TextEncoder(ClipSpec(TINY, allow_random_init=True), device="cuda:0", engine="openvino")
+    assert_names(info.value, "openvino", "KIND_CPU")
+
+
 # -- decode_images: image_preprocess and image_encoder in one handler ------------------------------------------------
 def photo(seed: int, size=(96, 72), fmt="JPEG") -> bytes:
     import io

@@ -297,8 +297,13 @@ def test_the_openvino_engine_is_validated_offline(shipped):
         openvino(c)
         c.instance_group[0].kind = rc.model_config_pb2.ModelInstanceGroup.KIND_GPU
 
-    assert validate_one("image_encoder", openvino, shipped) == []
-    errors = validate_one("image_encoder", openvino_on_gpu, shipped)
-    assert any("model 'image_encoder': engine 'openvino' runs on a KIND_CPU instance" in e for e in errors), errors
-    errors = validate_one("text_encoder", openvino, shipped)  # the text tower has no such parameter
-    assert any("engine" in e for e in errors), errors
+    for encoder in ("image_encoder", "text_encoder"):
+        assert validate_one(encoder, openvino, shipped) == []
+        errors = validate_one(encoder, openvino_on_gpu, shipped)
+        assert any(f"model '{encoder}': engine 'openvino' runs on a KIND_CPU instance" in e for e in errors), errors
+
+    def unknown_engine(c):
+        c.parameters["engine"].string_value = "tensorrt"
+
+    errors = validate_one("text_encoder", unknown_engine, shipped)
+    assert any("'engine' = 'tensorrt'" in e and "openvino" in e for e in errors), errors
