@@ -1481,7 +1481,7 @@ def table(result: dict[str, Any]) -> str:
         decoding = "jpeg_draft" if result.get("served_jpeg_draft") else "exact"
         lines.append(f"served embeddings ({served_['outputs']['served_precision']}, {decoding} decoding) vs in-process fp32 "
                      f"with exact decoding: cosine >= "
-                     f"{s['served_min_cosine_vs_fp32']:.4f}")
+                     f"{s['served_min_cosine_vs_fp32']:.5f}")
     pre = result.get("preprocessing")
     if pre:
         st = pre["per_image"]
