@@ -21,7 +21,7 @@ decode_images     image: ``true``: the encoder takes the encoded images (IMAGE) 
                   apply: max_image_bytes, max_image_pixels, decode_threads,
                   jpeg_draft), and answers VALID and STATUS as well. One process
                   instead of two: the pixel tensor never crosses a process
-                  boundary. ``mmfuse.repository.set_image_decoding`` rewrites a
+                  boundary. ``mmfuse.repository.merge_image_decoding`` rewrites a
                   repository for it (default ``false``)
 ================  ===============================================================
 """
