@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
-from .errors import InternalError, InvalidInputError, MMFuseError
+from .errors import ConfigError, InternalError, InvalidInputError, MMFuseError
 from .metrics import ModelMetrics
 from .params import ModelContext, Params
 
@@ -125,6 +125,14 @@ class TritonAdapter:
         params = Params.from_model_config(self.model_name, config)
         self.handler = factory(self.context, params)
         params.reject_unknown()
+        declared = [t["name"] for t in config.get("input", [])]
+        missing = [spec.name for spec in self.handler.inputs if not spec.optional and spec.name not in declared]
+        if missing:  # every request would fail: fail the load instead, saying why
+            raise ConfigError(
+                f"model '{self.model_name}': its handler ({type(self.handler).__name__}) reads input "
+                f"{', '.join(repr(m) for m in missing)}, which config.pbtxt does not declare (inputs: "
+                f"{', '.join(declared) or 'none'}); an image_encoder with decode_images reads IMAGE, without it PIXELS"
+            )
         self.output_dtypes = {
             out["name"]: pb.triton_string_to_numpy(out["data_type"]) for out in config.get("output", [])
         }

@@ -356,3 +356,14 @@ def test_invalid_parameter_value_fails_construction():
     with pytest.raises(ConfigError) as info:
         TritonAdapter(FakePbUtils, triton_args("fusion", config), FusionHandler.from_parameters)
     assert_names(info.value, "fusion", "weights")
+
+
+def test_a_required_input_the_config_does_not_declare_fails_the_load(open_clip_tiny):
+    """decode_images set on an image_encoder whose config still declares PIXELS: refused at load, not per request."""
+    from python_backends.encoders import ImageEncoder
+
+    config = with_parameters(load_model_config("image_encoder"), model_name="mmfuse-tiny", pretrained="",
+                             allow_random_init="true", decode_images="true")
+    with pytest.raises(ConfigError) as info:
+        TritonAdapter(FakePbUtils, triton_args("image_encoder", config), ImageEncoder.from_parameters)
+    assert_names(info.value, "image_encoder", "'IMAGE'", "PIXELS", "decode_images")
