@@ -232,7 +232,7 @@ def apply_profile(repository: Path, profile: str, merge_decoding: bool | None = 
     ``repository`` that it tunes, and fold image decoding into the image encoder where the profile does
     (``MERGE_IMAGE_DECODING``; ``merge_decoding`` overrides it). Models, weights, fusion and the ensembles'
     public tensors are left as they are. Returns the models tuned."""
-    from .repository import merge_image_decoding, set_parameters
+    from .repository import header_lines, merge_image_decoding, set_parameters
 
     repository = Path(repository)
     tuned = [m for m in PROFILES[profile] if (repository / m / "config.pbtxt").is_file()]
@@ -243,25 +243,12 @@ def apply_profile(repository: Path, profile: str, merge_decoding: bool | None = 
     merge = MERGE_IMAGE_DECODING[profile] if merge_decoding is None else merge_decoding
     if merge and (repository / "image_preprocess").is_dir() and (repository / "image_encoder").is_dir():
         # The preprocessing model's reasons go with its parameters, below the encoder's own.
-        notes = _header(repository / "image_preprocess" / "config.pbtxt")
+        notes = header_lines(repository / "image_preprocess" / "config.pbtxt")
         if merge_image_decoding(repository):
             path = repository / "image_encoder" / "config.pbtxt"
-            head = _header(path)
+            head = header_lines(path)
             path.write_text("\n".join(head + notes + path.read_text().splitlines()[len(head):]) + "\n")
     return tuned
-
-
-def _header(path: Path) -> list[str]:
-    lines = path.read_text().splitlines()
-    return lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
-
-
-def image_decoding_parameters(repository: Path) -> dict[str, str]:
-    """The parameters of whichever model decodes the images: image_preprocess, or a decoding image_encoder."""
-    from .repository import load_config, parameters
-
-    model = "image_preprocess" if (repository / "image_preprocess").is_dir() else "image_encoder"
-    return parameters(load_config(repository, model))
 
 
 # -- machine ---------------------------------------------------------------------------------------------------------
@@ -1166,8 +1153,6 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     """Every measurement, in order, in one run. Returns the JSON-able result (see ``table``)."""
     import torch
 
-    from .repository import load_config, parameters
-
     from python_backends.openclip_models import ClipSpec, load_tokenizer, register_model_configs
 
     register_model_configs()
@@ -1255,8 +1240,6 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
             repo = build_repository(tmp / options.profile, options.model, options.profile, extra_params=extra)
             result["configs"] = {m: (repo / m / "config.pbtxt").read_text() for m in OPEN_CLIP_MODELS + ("fuse_image_text",)
                                  if (repo / m / "config.pbtxt").is_file()}
-            result["served_jpeg_draft"] = image_decoding_parameters(repo).get("jpeg_draft") == "true"
-            result["served_engine"] = parameters(load_config(repo, "image_encoder")).get("engine", "torch")
             result["served"] = served(repo, options.model, images, captions, options.plan, tmp / "logs", precision)
         del torch
     result["summary"] = summarise(result)

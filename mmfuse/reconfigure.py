@@ -180,6 +180,7 @@ def check_python_model(name: str, config: ModelConfig, model_dir: Path, load_wei
     """Run the model's own parameter parsing offline; return error messages (empty: valid)."""
     from python_backends.errors import MMFuseError
     from python_backends.params import ModelContext, Params
+    from python_backends.serving import undeclared_inputs
 
     try:
         factory, qualname = _handler_factory(model_dir, config)
@@ -204,14 +205,7 @@ def check_python_model(name: str, config: ModelConfig, model_dir: Path, load_wei
         return [str(error)]
     except Exception as error:  # noqa: BLE001 - anything that would fail the load on the server
         return [f"model '{name}': {qualname}.from_parameters failed: {type(error).__name__}: {error}"]
-    errors = []
-    declared = {t.name: t for t in config.input}
-    for spec in getattr(handler, "inputs", ()) or ():
-        if spec.name not in declared and not spec.optional:
-            errors.append(
-                f"model '{name}': its handler ({qualname}) reads input '{spec.name}', which config.pbtxt does not "
-                f"declare (inputs: {', '.join(declared) or 'none'})"
-            )
+    errors = undeclared_inputs(name, handler, [t.name for t in config.input])
     close = getattr(handler, "close", None)
     if callable(close) and not dry:
         close()

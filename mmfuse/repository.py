@@ -27,15 +27,21 @@ def load_config(repository: Path, model: str) -> model_config_pb2.ModelConfig:
     return config
 
 
-def save_config(repository: Path, model: str, config: model_config_pb2.ModelConfig) -> None:
-    """Write config.pbtxt; the comment lines heading the old file are kept."""
-    path = config_path(repository, model)
+def header_lines(path: Path) -> list[str]:
+    """The comment lines heading a config.pbtxt (empty if the file does not exist)."""
     header = []
-    if path.exists():
-        for line in path.read_text().splitlines():
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
             if not line.startswith("#"):
                 break
             header.append(line)
+    return header
+
+
+def save_config(repository: Path, model: str, config: model_config_pb2.ModelConfig) -> None:
+    """Write config.pbtxt; the comment lines heading the old file are kept."""
+    path = config_path(repository, model)
+    header = header_lines(path)
     text = text_format.MessageToString(config)
     path.write_text("\n".join(header + [text]) if header else text)
 

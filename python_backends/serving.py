@@ -98,6 +98,16 @@ def validate_request_inputs(
     return present, rows
 
 
+def undeclared_inputs(model_name: str, handler: Handler, declared: Sequence[str]) -> list[str]:
+    """One message per required input of ``handler`` that config.pbtxt does not declare (empty: all declared)."""
+    return [
+        f"model '{model_name}': its handler ({type(handler).__name__}) reads input '{spec.name}', which config.pbtxt "
+        f"does not declare (inputs: {', '.join(declared) or 'none'}); an image_encoder with decode_images reads "
+        "IMAGE, without it PIXELS"
+        for spec in getattr(handler, "inputs", ()) or () if not spec.optional and spec.name not in declared
+    ]
+
+
 def concat_batches(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
     """Concatenate per-request inputs along the batch axis; None if their row shapes differ."""
     if len(parts) == 1:
@@ -125,14 +135,9 @@ class TritonAdapter:
         params = Params.from_model_config(self.model_name, config)
         self.handler = factory(self.context, params)
         params.reject_unknown()
-        declared = [t["name"] for t in config.get("input", [])]
-        missing = [spec.name for spec in self.handler.inputs if not spec.optional and spec.name not in declared]
-        if missing:  # every request would fail: fail the load instead, saying why
-            raise ConfigError(
-                f"model '{self.model_name}': its handler ({type(self.handler).__name__}) reads input "
-                f"{', '.join(repr(m) for m in missing)}, which config.pbtxt does not declare (inputs: "
-                f"{', '.join(declared) or 'none'}); an image_encoder with decode_images reads IMAGE, without it PIXELS"
-            )
+        undeclared = undeclared_inputs(self.model_name, self.handler, [t["name"] for t in config.get("input", [])])
+        if undeclared:  # every request would fail: fail the load instead, saying why
+            raise ConfigError("; ".join(undeclared))
         self.output_dtypes = {
             out["name"]: pb.triton_string_to_numpy(out["data_type"]) for out in config.get("output", [])
         }

@@ -34,7 +34,7 @@ echo "mmfuse setup: installing mmfuse and its dependencies ..."
 echo "mmfuse setup: installing tritonserver (nvidia-pytriton wheel, --no-deps) ..."
 "${PIP[@]}" --no-deps nvidia-pytriton==0.7.0 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
 
-# OpenVINO's runtime, for the image encoder's `engine: openvino`. --no-deps: its one other dependency,
+# OpenVINO's runtime, for the encoders' `engine: openvino`. --no-deps: its one other dependency,
 # openvino-telemetry, makes model conversion report usage over the network (and write ~/intel); without
 # it OpenVINO falls back to its built-in no-op stub. numpy comes from the constraints above.
 echo "mmfuse setup: installing openvino (--no-deps) ..."
