@@ -1,6 +1,6 @@
 """A thin client for the three ensembles: lists of bytes/str in, numpy out.
 
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
     with MMFuseClient("127.0.0.1:8001") as client:
         result = client.fuse_image_text([jpeg_bytes, None], ["a red circle", "a dog"])
         result.fused          # float32 [B, D]
@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from python_backends.status import decode_statuses
+from mmfuse.wire import decode_statuses
 
 from ._runtime import DEFAULT_URL, ClientOptions, call, connect
 from .embed_image import EmbedImageClient

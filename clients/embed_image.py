@@ -11,7 +11,7 @@ Outputs (numpy arrays):
     valid      VALID      BOOL [B, 1] -> bool
     status     STATUS     BYTES [B, 1] -> object (bytes)
 
-    from clients.embed_image import EmbedImageClient
+    from mmfuse.clients.embed_image import EmbedImageClient
     with EmbedImageClient("127.0.0.1:8001") as client:
         response = client.embed_image(image=...)
 """

@@ -11,7 +11,7 @@ Outputs (numpy arrays):
     valid      VALID      BOOL [B, 1] -> bool
     status     STATUS     BYTES [B, 1] -> object (bytes)
 
-    from clients.embed_text import EmbedTextClient
+    from mmfuse.clients.embed_text import EmbedTextClient
     with EmbedTextClient("127.0.0.1:8001") as client:
         response = client.embed_text(text=...)
 """

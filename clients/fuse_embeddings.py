@@ -14,7 +14,7 @@ Outputs (numpy arrays):
     modality_mask    MODALITY_MASK    BOOL [B, 2] -> bool
     modality_status  MODALITY_STATUS  BYTES [B, 2] -> object (bytes)
 
-    from clients.fuse_embeddings import FuseEmbeddingsClient
+    from mmfuse.clients.fuse_embeddings import FuseEmbeddingsClient
     with FuseEmbeddingsClient("127.0.0.1:8001") as client:
         response = client.fuse_embeddings(image_embedding=..., image_valid=..., text_embedding=..., text_valid=...)
 """

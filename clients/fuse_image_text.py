@@ -13,7 +13,7 @@ Outputs (numpy arrays):
     modality_status  MODALITY_STATUS  BYTES [B, 2] -> object (bytes)
     score            SCORE            FP32 [B, 1] -> float32
 
-    from clients.fuse_image_text import FuseImageTextClient
+    from mmfuse.clients.fuse_image_text import FuseImageTextClient
     with FuseImageTextClient("127.0.0.1:8001") as client:
         response = client.fuse_image_text(image=..., text=...)
 """

@@ -13,7 +13,7 @@ Outputs (numpy arrays):
     modality_mask    MODALITY_MASK    BOOL [B, 3] -> bool
     modality_status  MODALITY_STATUS  BYTES [B, 3] -> object (bytes)
 
-    from clients.fuse_image_text_tabular import FuseImageTextTabularClient
+    from mmfuse.clients.fuse_image_text_tabular import FuseImageTextTabularClient
     with FuseImageTextTabularClient("127.0.0.1:8001") as client:
         response = client.fuse_image_text_tabular(image=..., text=..., features=...)
 """

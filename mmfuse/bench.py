@@ -205,7 +205,7 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
     late fusion without a head, and the ``profile``'s settings."""
     from .export import set_fusion_head
     from .repository import set_parameters, set_sequence_routing
-    from .server import DEFAULT_MODEL_REPOSITORY
+    from .paths import DEFAULT_MODEL_REPOSITORY
 
     source = Path(source or DEFAULT_MODEL_REPOSITORY)
     target.mkdir(parents=True, exist_ok=True)
@@ -345,7 +345,7 @@ def tower_gemm_rate(model_name: str, dtype: str, batch: int, threads: int = 1, s
     import torch
     import torch.nn.functional as F
 
-    from python_backends.openclip_models import ClipSpec
+    from mmfuse.serving.openclip_models import ClipSpec
 
     vision = ClipSpec(model_name, allow_random_init=True).model_config()["vision_cfg"]
     if vit_flops(vision, 1) is None:
@@ -380,8 +380,8 @@ def encoder_steps(model_name: str, precision: str, batch: int, seconds: float, t
     as one matrix product, and the tower with vs without converting the token sequence to float32."""
     import torch
 
-    from python_backends.encoders import ImageEncoder
-    from python_backends.openclip_models import ClipSpec, torch_dtype
+    from mmfuse.serving.encoders import ImageEncoder
+    from mmfuse.serving.openclip_models import ClipSpec, torch_dtype
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -436,8 +436,8 @@ def counted_flops(model_name: str, text_tokens: int) -> dict[str, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from python_backends.encoders import encode_text
-    from python_backends.openclip_models import register_model_configs
+    from mmfuse.serving.encoders import encode_text
+    from mmfuse.serving.openclip_models import register_model_configs
 
     register_model_configs()
     model = open_clip.create_model(model_name, pretrained=None).eval()
@@ -459,7 +459,7 @@ def counted_flops(model_name: str, text_tokens: int) -> dict[str, float]:
 
 
 def model_flops(model_name: str, text_tokens: int, context_length: int) -> dict[str, Any]:
-    from python_backends.openclip_models import ClipSpec
+    from mmfuse.serving.openclip_models import ClipSpec
 
     cfg = ClipSpec(model_name, allow_random_init=True).model_config()
     counted = counted_flops(model_name, text_tokens)
@@ -518,7 +518,7 @@ def naive_loop(model_name: str, images: Sequence[bytes], captions: Sequence[str]
     import torch
     from PIL import Image
 
-    from python_backends.openclip_models import register_model_configs
+    from mmfuse.serving.openclip_models import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)
@@ -561,8 +561,8 @@ def preprocessing(model_name: str, images: Sequence[bytes], seconds: float, batc
     """Per-image cost of each step, exact vs reduced-size JPEG decoding, and handler throughput by threads."""
     import torch
 
-    from python_backends.image_preprocess import ImagePreprocessor
-    from python_backends.openclip_models import ClipSpec
+    from mmfuse.serving.image_preprocess import ImagePreprocessor
+    from mmfuse.serving.openclip_models import ClipSpec
 
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -596,7 +596,7 @@ def preprocessing(model_name: str, images: Sequence[bytes], seconds: float, batc
             draft_pixels.append(c)
         # What the pixel difference does to the embedding: the fp32 image tower (the bench's seeded random
         # weights) on the exact and the draft pixels of every image.
-        from python_backends.encoders import ImageEncoder
+        from mmfuse.serving.encoders import ImageEncoder
 
         tower = ImageEncoder(ClipSpec(model_name, allow_random_init=True, seed=0))
         draft_cosine = float(_cosines(tower.encode(np.stack(exact_pixels), sequence=False)[0],
@@ -638,8 +638,8 @@ def text_trimming(model_name: str, captions: Sequence[str], precision: str, seco
                   threads: int = 1, device: str = "cpu") -> dict[str, Any]:
     import torch
 
-    from python_backends.encoders import TextEncoder
-    from python_backends.openclip_models import ClipSpec, load_tokenizer
+    from mmfuse.serving.encoders import TextEncoder
+    from mmfuse.serving.openclip_models import ClipSpec, load_tokenizer
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -677,9 +677,9 @@ def precision_cost(model_name: str, images: Sequence[bytes], captions: Sequence[
     """Throughput of each tower per precision (in-process handlers) and cosine of its embeddings vs fp32."""
     import torch
 
-    from python_backends.encoders import ImageEncoder, TextEncoder
-    from python_backends.image_preprocess import ImagePreprocessor
-    from python_backends.openclip_models import ClipSpec, load_tokenizer
+    from mmfuse.serving.encoders import ImageEncoder, TextEncoder
+    from mmfuse.serving.image_preprocess import ImagePreprocessor
+    from mmfuse.serving.openclip_models import ClipSpec, load_tokenizer
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -739,9 +739,9 @@ def profile_handlers(model_name: str, profile: str, images: Sequence[bytes], cap
     one batch: where the weights live, throughput, and cosine against fp32 on the CPU."""
     import torch
 
-    from python_backends.encoders import ImageEncoder, TextEncoder
-    from python_backends.image_preprocess import ImagePreprocessor
-    from python_backends.openclip_models import ClipSpec, load_tokenizer
+    from mmfuse.serving.encoders import ImageEncoder, TextEncoder
+    from mmfuse.serving.image_preprocess import ImagePreprocessor
+    from mmfuse.serving.openclip_models import ClipSpec, load_tokenizer
 
     pre = ImagePreprocessor(ClipSpec(model_name), decode_threads=4)
     pixels = pre({"IMAGE": _bytes_column([images[i % len(images)] for i in range(batch)])}, frozenset({"PIXELS"}))["PIXELS"]
@@ -752,7 +752,7 @@ def profile_handlers(model_name: str, profile: str, images: Sequence[bytes], cap
     for model, handler_type, feed in (("image_encoder", ImageEncoder, {"PIXELS": pixels}),
                                       ("text_encoder", TextEncoder, {"TOKENS": tokens})):
         tuning = PROFILES[profile][model]
-        from python_backends.params import ModelContext, Params
+        from mmfuse.serving.params import ModelContext, Params
 
         params = Params(model, {"model_name": model_name, "pretrained": "", "allow_random_init": "true", "seed": "0",
                                 **tuning.params})
@@ -785,9 +785,9 @@ def _ceiling_worker(model_name: str, precision: str, engine: str, draft: bool, i
         import torch
 
         torch.set_num_threads(1)
-        from python_backends.encoders import DecodingImageEncoder, ImageEncoder
-        from python_backends.image_preprocess import ImagePreprocessor
-        from python_backends.openclip_models import ClipSpec, register_model_configs
+        from mmfuse.serving.encoders import DecodingImageEncoder, ImageEncoder
+        from mmfuse.serving.image_preprocess import ImagePreprocessor
+        from mmfuse.serving.openclip_models import ClipSpec, register_model_configs
 
         register_model_configs()
         handler = DecodingImageEncoder(
@@ -1028,9 +1028,9 @@ def served_outputs_check(url: str, model_name: str, images: Sequence[bytes], cap
     """Served embeddings against the in-process fp32 towers on the same seeded weights: min cosine."""
     import torch
 
-    from python_backends.encoders import ImageEncoder, TextEncoder
-    from python_backends.image_preprocess import ImagePreprocessor
-    from python_backends.openclip_models import ClipSpec, load_tokenizer
+    from mmfuse.serving.encoders import ImageEncoder, TextEncoder
+    from mmfuse.serving.image_preprocess import ImagePreprocessor
+    from mmfuse.serving.openclip_models import ClipSpec, load_tokenizer
     from tritonclient.grpc import InferenceServerClient, InferInput
 
     n = min(4, len(images))
@@ -1153,7 +1153,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     """Every measurement, in order, in one run. Returns the JSON-able result (see ``table``)."""
     import torch
 
-    from python_backends.openclip_models import ClipSpec, load_tokenizer, register_model_configs
+    from mmfuse.serving.openclip_models import ClipSpec, load_tokenizer, register_model_configs
 
     register_model_configs()
     started = time.perf_counter()

@@ -38,7 +38,7 @@ def _captions_with_scores(client) -> None:
 
 
 def run_demo(model_repository: Path) -> int:
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     log = Path(tempfile.gettempdir()) / "mmfuse-demo-tritonserver.log"
     config = ServerConfig.on_free_ports(model_repository=model_repository)

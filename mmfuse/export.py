@@ -2,8 +2,8 @@
 
 * encoders trained from scratch: one safetensors checkpoint in the image_encoder folder, and the
   four open_clip models' ``model_name`` / ``pretrained`` parameters pointing at it;
-* a fusion head: a new version folder of the fusion model (the thin model.py, the head's
-  safetensors and JSON), the fusion model's ``strategy`` / ``head_dir`` parameters, and SCORE
+* a fusion head: a new version folder of the fusion model (the head's safetensors and JSON: no
+  code), the fusion model's ``strategy`` / ``head_dir`` parameters, and SCORE
   exposed by the ensembles that run it (or removed, for a strategy without a task head).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from python_backends.strategies import FusionStrategy, save_head
+from mmfuse.serving.strategies import FusionStrategy, save_head
 
 from .repository import ensembles_using, load_config, save_config, set_output, set_parameters
 
@@ -51,12 +51,10 @@ def set_fusion_head(repository: Path, fusion_model: str, strategy: str, head_dir
 def export_head(repository: Path, fusion_model: str, head: FusionStrategy, record: dict[str, Any]) -> Path:
     """The head becomes version N+1 of the fusion model, which Triton then serves (latest version)."""
     model_dir = Path(repository) / fusion_model
-    existing = versions(model_dir)
-    if not existing:
-        raise FileNotFoundError(f"{model_dir} has no version folder to take model.py from")
-    version_dir = model_dir / str(existing[-1] + 1)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir} is not a model folder of the repository")
+    version_dir = model_dir / str(max(versions(model_dir), default=0) + 1)
     version_dir.mkdir()
-    shutil.copy2(model_dir / str(existing[-1]) / "model.py", version_dir / "model.py")
     save_head(head, version_dir, extra=record)
     set_fusion_head(repository, fusion_model, head.name, ".", head.has_head)
     return version_dir

@@ -10,8 +10,8 @@ an ensemble):
 2. **diff** each model: the served config, restricted to the fields the file sets
    (Triton fills in defaults), against the file;
 3. **validate offline**, before anything reaches the server: the config names its
-   folder; a Python-backend model's parameters go through its handler's own parsing
-   (the factory named in ``1/model.py``, with ``Params.reject_unknown``), so unknown
+   folder; an mmfuse model's parameters go through its handler's own parsing
+   (the handler its ``handler`` parameter names, with ``Params.reject_unknown``), so unknown
    keys and bad values are refused with the handler's message; the handler's input
    tensors are declared; every ensemble touched by the change still fits its steps
    (tensors, data types, required inputs, batch sizes);
@@ -29,10 +29,7 @@ restarts; the server then reads its repository, so keep the edited files there t
 """
 from __future__ import annotations
 
-import ast
 import difflib
-import importlib
-import inspect
 import io
 import json
 from dataclasses import dataclass, field
@@ -44,13 +41,10 @@ from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2
 
+from .server import BACKEND_NAME
 from .repository import config_path, load_config, models as repository_models
 
 ModelConfig = model_config_pb2.ModelConfig
-
-# Handlers whose construction loads model weights: validated by running their parameter parsing
-# (``from_parameters``) with a constructor that does not load; ``load_weights=True`` builds them too.
-WEIGHT_LOADING_HANDLERS = frozenset({"python_backends.encoders.ImageEncoder", "python_backends.encoders.TextEncoder"})
 
 PROBE_TEXT = "mmfuse reconfigure probe: a red square on a white background"
 PROBE_ROWS = 2
@@ -145,71 +139,31 @@ def _data_type(value: int) -> str:
     return model_config_pb2.DataType.Name(value)
 
 
-def _handler_factory(model_dir: Path, config: ModelConfig) -> tuple[Callable, str]:
-    """The handler factory a python model's ``model.py`` passes to TritonAdapter, as (callable, 'module.Class')."""
-    filename = config.default_model_filename or "model.py"
-    versions = sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    files = [v / filename for v in versions if (v / filename).is_file()]
-    if not files:
-        raise LookupError(f"no <version>/{filename} in {model_dir}: point --model-repository at the full repository")
-    tree = ast.parse(files[-1].read_text(), filename=str(files[-1]))
-    imported: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            for alias in node.names:
-                imported[alias.asname or alias.name] = node.module
-    for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "TritonAdapter"
-                and len(node.args) >= 3):
-            factory = node.args[2]
-            if isinstance(factory, ast.Attribute) and isinstance(factory.value, ast.Name):
-                owner, attr = factory.value.id, factory.attr
-            elif isinstance(factory, ast.Name):
-                owner, attr = factory.id, None
-            else:
-                break
-            if owner not in imported:
-                break
-            obj = getattr(importlib.import_module(imported[owner]), owner)
-            qualname = f"{imported[owner]}.{owner}"
-            return (getattr(obj, attr) if attr else obj), qualname
-    raise LookupError(f"{files[-1]} does not pass a handler factory to TritonAdapter")
-
-
 def check_python_model(name: str, config: ModelConfig, model_dir: Path, load_weights: bool = False) -> list[str]:
-    """Run the model's own parameter parsing offline; return error messages (empty: valid)."""
-    from python_backends.errors import MMFuseError
-    from python_backends.params import ModelContext, Params
-    from python_backends.serving import undeclared_inputs
+    """Run the model's own parameter parsing offline (``Handler.parse``: no weights, no threads); return error
+    messages (empty: valid). ``load_weights`` also builds the handler, as the server would."""
+    from mmfuse.serving.errors import MMFuseError
+    from mmfuse.serving.handler import check_config
+    from mmfuse.serving.params import ModelContext, Params
 
-    try:
-        factory, qualname = _handler_factory(model_dir, config)
-    except (LookupError, SyntaxError, ImportError, AttributeError) as error:
-        return [f"model '{name}': cannot find its handler: {error}"]
+    versions = [p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()] if model_dir.is_dir() else []
+    if not versions:
+        return [f"model '{name}': no version folder (e.g. 1/) in {model_dir}: Triton cannot load it; point "
+                "--model-repository at the full repository"]
     kinds = [g.kind for g in config.instance_group]
     kind = "GPU" if model_config_pb2.ModelInstanceGroup.KIND_GPU in kinds else "CPU"
     context = ModelContext(model_name=name, model_dir=model_dir, instance_kind=kind,
                            version=ModelContext.latest_version(model_dir))
     params = Params.from_model_config(name, json.loads(config_json(config)))
-    owner = getattr(factory, "__self__", None)
-    dry = inspect.isclass(owner) and qualname in WEIGHT_LOADING_HANDLERS and not load_weights
     try:
-        if dry:
-            # The handler's own from_parameters, on a subclass whose constructor does not load weights.
-            probe_class = type(owner.__name__, (owner,), {"__init__": lambda self, *a, **k: None})
-            handler = factory.__func__(probe_class, context, params)
-        else:
-            handler = factory(context, params)
-        params.reject_unknown()
+        handler_class, parsed = check_config(context, params, [t.name for t in config.input])
+        if load_weights:
+            handler_class.build(context, parsed).close()
     except MMFuseError as error:
         return [str(error)]
     except Exception as error:  # noqa: BLE001 - anything that would fail the load on the server
-        return [f"model '{name}': {qualname}.from_parameters failed: {type(error).__name__}: {error}"]
-    errors = undeclared_inputs(name, handler, [t.name for t in config.input])
-    close = getattr(handler, "close", None)
-    if callable(close) and not dry:
-        close()
-    return errors
+        return [f"model '{name}': its handler failed to parse its parameters: {type(error).__name__}: {error}"]
+    return []
 
 
 def check_ensemble(name: str, config: ModelConfig, configs: Mapping[str, ModelConfig]) -> list[str]:
@@ -318,7 +272,7 @@ def validate(changes: Sequence[ModelChange], served: Mapping[str, ModelConfig], 
             continue
         if not cfg.backend and not cfg.platform:
             errors.append(f"model '{change.name}': config.pbtxt sets neither backend nor platform")
-        elif cfg.backend == "python":
+        elif cfg.backend == BACKEND_NAME:
             errors += check_python_model(change.name, cfg, Path(repository) / change.name, load_weights)
     for ensemble in affected_ensembles([c.name for c in changes], overlay):
         errors += check_ensemble(ensemble, overlay[ensemble], overlay)

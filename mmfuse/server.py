@@ -6,6 +6,10 @@ Python API. ``MMFUSE_TRITONSERVER`` may point at another tritonserver binary
 (for example ``/opt/tritonserver/bin/tritonserver`` in NGC images), with
 ``MMFUSE_BACKEND_DIR`` for its backends.
 
+Every mmfuse model runs the ``mmfuse`` backend, a Python-based Triton backend:
+``<backend directory>/mmfuse/model.py`` is mmfuse/serving/triton_model.py, put in
+place by ``find_triton`` (``MMFUSE_BACKEND_DIR`` of an NGC image: by its Dockerfile).
+
 Two traps handled here (see shared notes): the python-backend stub for the
 running CPython must sit next to ``libtriton_python.so``, and the stub embeds
 CPython and ignores PYTHONPATH, so the server is started with this
@@ -29,8 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+from .paths import DEFAULT_MODEL_REPOSITORY
+
+#: The Python-based Triton backend every mmfuse model names (``backend: "mmfuse"``).
+BACKEND_NAME = "mmfuse"
 
 
 class ServerError(RuntimeError):
@@ -56,20 +62,48 @@ def find_triton() -> TritonInstall:
         backend_dir = Path(os.environ.get("MMFUSE_BACKEND_DIR", binary.parent.parent / "backends"))
         if not binary.is_file():
             raise ServerError(f"MMFUSE_TRITONSERVER={env_binary} is not a file")
+        install_backend(backend_dir)
         return TritonInstall(binary, backend_dir)
     spec = importlib.util.find_spec("pytriton")  # locates the package without importing it
     if spec is None or not spec.submodule_search_locations:
         raise ServerError(
-            "tritonserver not found: install the nvidia-pytriton wheel (it carries Triton 2.51) with "
-            "`pip install --no-deps nvidia-pytriton==0.7.0` (scripts/setup.sh does), "
-            "or set MMFUSE_TRITONSERVER to a tritonserver binary"
+            "tritonserver not found: install mmfuse with its server extra (`pip install 'mmfuse[server]'`: the "
+            "nvidia-pytriton wheel carries Triton 2.51), or set MMFUSE_TRITONSERVER to a tritonserver binary"
         )
     root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
     install = TritonInstall(root / "bin" / "tritonserver", root / "backends")
     if not install.binary.is_file():
         raise ServerError(f"{install.binary} is missing: reinstall nvidia-pytriton")
     _ensure_python_stub(root)
+    install_backend(install.backend_dir)
     return install
+
+
+def backend_model_file() -> Path:
+    """The mmfuse backend's model.py as this installation ships it."""
+    from .serving import triton_model_path
+
+    return triton_model_path()
+
+
+def install_backend(backend_dir: Path) -> Path:
+    """Put the mmfuse backend (``<backend_dir>/mmfuse/model.py``) in place; return its path.
+
+    Rewritten only when it differs from this installation's, so that a server always runs the handlers
+    of the mmfuse it was started from. A read-only backend directory that already has it is left alone.
+    """
+    target = Path(backend_dir) / BACKEND_NAME / "model.py"
+    source = backend_model_file().read_bytes()
+    if target.is_file() and target.read_bytes() == source:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source)
+    except OSError as error:
+        if not target.is_file():
+            raise ServerError(f"cannot install the mmfuse backend at {target}: {error}; copy "
+                              f"{backend_model_file()} there") from None
+    return target
 
 
 def _ensure_python_stub(root: Path) -> None:

@@ -29,9 +29,9 @@ from torch.nn import functional as F
 
 from mmfuse import shapes
 from mmfuse.presets import DEFAULTS, PRESETS  # noqa: F401 - PRESETS re-exported
-from python_backends.encoders import encode_text
-from python_backends.openclip_models import register_model_configs
-from python_backends.strategies import FusionBatch, FusionStrategy, build
+from mmfuse.serving.encoders import encode_text
+from mmfuse.serving.openclip_models import register_model_configs
+from mmfuse.serving.strategies import FusionBatch, FusionStrategy, build
 
 MODALITIES = ("IMAGE", "TEXT")
 
@@ -45,7 +45,7 @@ class Featurizer:
     def __init__(self, model_name: str):
         import open_clip
 
-        from python_backends.openclip_models import ClipSpec, preprocess_config
+        from mmfuse.serving.openclip_models import ClipSpec, preprocess_config
 
         register_model_configs()
         cfg = preprocess_config(ClipSpec(model_name))
@@ -465,7 +465,7 @@ def warm_start(head: FusionStrategy, directory: Path) -> list[str]:
     """Copy every parameter of a trained head whose name and shape match; return the ones copied."""
     from safetensors.torch import load_file
 
-    from python_backends.strategies.base import HEAD_WEIGHTS
+    from mmfuse.serving.strategies.base import HEAD_WEIGHTS
 
     source = load_file(str(directory / HEAD_WEIGHTS))
     target = head.state_dict()

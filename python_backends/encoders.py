@@ -29,23 +29,48 @@ from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 from .errors import ConfigError
-from .image_preprocess import ImagePreprocessor
+from .handler import Handler, InputSpec
+from .image_preprocess import ImagePreprocessConfig, ImagePreprocessor
 from .openclip_models import ClipSpec, load_clip, torch_dtype
 from .params import ModelContext, Params
-from .serving import TensorSpec
 
 
-def _setup_torch(params: Params) -> None:
-    import torch
+@dataclass(frozen=True)
+class ImageEncoderConfig:
+    spec: ClipSpec
+    engine: str = "torch"
+    torch_threads: int = 0
+    decoding: ImagePreprocessConfig | None = None  # decode_images: image_preprocess's settings
 
-    threads = params.int("torch_threads", 0, minimum=0)
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    spec: ClipSpec
+    engine: str = "torch"
+    torch_threads: int = 0
+    trim_text_tokens: bool = True
+
+
+def _setup_torch(threads: int) -> None:
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
+
+
+def _parse_engine(context: ModelContext, params: Params) -> str:
+    engine = params.choice("engine", "torch", ENGINES)
+    _check_engine(engine, context.torch_device, context.model_name)  # also when validated offline
+    return engine
+
+
+_SEQUENCE_OUTPUTS = ("EMBEDDING", "SEQUENCE", "SEQUENCE_MASK")
 
 
 def _normalised(pooled: np.ndarray) -> np.ndarray:
@@ -174,13 +199,15 @@ def _text_tower_type():
     return TextTower
 
 
-class ImageEncoder:
+class ImageEncoder(Handler):
     """PIXELS [B,3,H,W] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,T,W], SEQUENCE_MASK [B,T] on request)."""
 
-    inputs = (TensorSpec("PIXELS", "f", row_rank=3), TensorSpec("VALID", "b", optional=True))
+    name = "image_encoder"
+    metrics_labels = ("image", "encode")
 
     def __init__(self, spec: ClipSpec, device: str = "cpu", engine: str = "torch", threads: int = 0):
         _check_engine(engine, device)
+        self.config = ImageEncoderConfig(spec, engine, threads)
         model = load_clip(spec, device)
         self.visual = model.visual  # the text tower is dropped with `model`
         self.visual.output_tokens = True
@@ -202,14 +229,28 @@ class ImageEncoder:
         self.sequence_shape = probe.shape[1:]
 
     @classmethod
-    def from_parameters(cls, context: ModelContext, params: Params) -> "ImageEncoder":
-        _setup_torch(params)
-        spec, engine = ClipSpec.from_params(params, context), params.choice("engine", "torch", ENGINES)
-        _check_engine(engine, context.torch_device, context.model_name)  # also when validated offline
-        decoding = params.bool("decode_images", False)
-        preprocessor = ImagePreprocessor.from_parameters(context, params) if decoding else None
-        encoder = cls(spec, context.torch_device, engine=engine, threads=params.int("torch_threads", 0, minimum=0))
-        return DecodingImageEncoder(preprocessor, encoder) if decoding else encoder
+    def parse(cls, context: ModelContext, params: Params) -> ImageEncoderConfig:
+        spec, engine = ClipSpec.from_params(params, context), _parse_engine(context, params)
+        decoding = ImagePreprocessor.parse(context, params) if params.bool("decode_images", False) else None
+        return ImageEncoderConfig(spec, engine, params.int("torch_threads", 0, minimum=0), decoding)
+
+    @classmethod
+    def input_specs(cls, config: ImageEncoderConfig) -> tuple[InputSpec, ...]:
+        if config.decoding is not None:
+            return (InputSpec("IMAGE", "O", row_rank=1),)
+        return (InputSpec("PIXELS", "f", row_rank=3), InputSpec("VALID", "b", optional=True))
+
+    @classmethod
+    def output_names(cls, config: ImageEncoderConfig) -> tuple[str, ...]:
+        return _SEQUENCE_OUTPUTS + (("VALID", "STATUS") if config.decoding is not None else ())
+
+    @classmethod
+    def build(cls, context: ModelContext, config: ImageEncoderConfig) -> "ImageEncoder":
+        _setup_torch(config.torch_threads)
+        encoder = cls(config.spec, context.torch_device, engine=config.engine, threads=config.torch_threads)
+        if config.decoding is None:
+            return encoder
+        return DecodingImageEncoder(ImagePreprocessor.build(context, config.decoding), encoder)
 
     def encode(self, pixels: np.ndarray, sequence: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(L2-normalised pooled [B,D], token sequence [B,T,W] or None) as float32 numpy arrays.
@@ -246,7 +287,7 @@ class ImageEncoder:
         return out
 
 
-class DecodingImageEncoder:
+class DecodingImageEncoder(ImageEncoder):
     """IMAGE bytes [B,1] -> EMBEDDING (+ SEQUENCE, SEQUENCE_MASK), VALID, STATUS: image_preprocess and
     image_encoder in one handler (``decode_images``), with their outputs unchanged.
 
@@ -255,12 +296,11 @@ class DecodingImageEncoder:
     it instead of sharing the cores with a separate decoding process.
     """
 
-    inputs = (TensorSpec("IMAGE", "O", row_rank=1),)
-    metrics_labels = ("image", "encode")
-
-    def __init__(self, preprocessor, encoder: ImageEncoder):
+    def __init__(self, preprocessor: ImagePreprocessor, encoder: ImageEncoder):
         self.preprocessor = preprocessor
         self.encoder = encoder
+        self.config = ImageEncoderConfig(encoder.config.spec, encoder.config.engine, encoder.config.torch_threads,
+                                         preprocessor.config)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         decoded = self.preprocessor(batch, frozenset({"PIXELS", "VALID", "STATUS"}))
@@ -272,14 +312,16 @@ class DecodingImageEncoder:
         self.preprocessor.close()
 
 
-class TextEncoder:
+class TextEncoder(Handler):
     """TOKENS int64 [B,L] + VALID [B,1] -> EMBEDDING [B,D] (+ SEQUENCE [B,L,W], SEQUENCE_MASK [B,L] on request)."""
 
-    inputs = (TensorSpec("TOKENS", "i", row_rank=1), TensorSpec("VALID", "b", optional=True))
+    name = "text_encoder"
+    metrics_labels = ("text", "encode")
 
     def __init__(self, spec: ClipSpec, device: str = "cpu", trim: bool = True, engine: str = "torch",
                  threads: int = 0):
         _check_engine(engine, device)
+        self.config = TextEncoderConfig(spec, engine, threads, trim)
         model = load_clip(spec, device)
         model.visual = None  # the image tower is not needed here
         self.sequence_first = run_sequence_first(model)
@@ -301,12 +343,24 @@ class TextEncoder:
             self.model = None  # OpenVINO holds its own copy of the weights
 
     @classmethod
-    def from_parameters(cls, context: ModelContext, params: Params) -> "TextEncoder":
-        _setup_torch(params)
-        spec, engine = ClipSpec.from_params(params, context), params.choice("engine", "torch", ENGINES)
-        _check_engine(engine, context.torch_device, context.model_name)  # also when validated offline
-        return cls(spec, context.torch_device, trim=params.bool("trim_text_tokens", True), engine=engine,
-                   threads=params.int("torch_threads", 0, minimum=0))
+    def parse(cls, context: ModelContext, params: Params) -> TextEncoderConfig:
+        spec, engine = ClipSpec.from_params(params, context), _parse_engine(context, params)
+        return TextEncoderConfig(spec, engine, params.int("torch_threads", 0, minimum=0),
+                                 params.bool("trim_text_tokens", True))
+
+    @classmethod
+    def input_specs(cls, config: TextEncoderConfig) -> tuple[InputSpec, ...]:
+        return (InputSpec("TOKENS", "i", row_rank=1), InputSpec("VALID", "b", optional=True))
+
+    @classmethod
+    def output_names(cls, config: TextEncoderConfig) -> tuple[str, ...]:
+        return _SEQUENCE_OUTPUTS
+
+    @classmethod
+    def build(cls, context: ModelContext, config: TextEncoderConfig) -> "TextEncoder":
+        _setup_torch(config.torch_threads)
+        return cls(config.spec, context.torch_device, trim=config.trim_text_tokens, engine=config.engine,
+                   threads=config.torch_threads)
 
     def encode(self, tokens: np.ndarray, sequence: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(L2-normalised pooled [B,D], token sequence [B,L',W] or None); L' is the trimmed length."""

@@ -1,7 +1,7 @@
 """One exception hierarchy for the whole library.
 
 Each error carries the Triton status it maps to (``code``); the Triton adapter
-(python_backends.serving) turns it into a per-request TritonError in one place.
+(mmfuse.serving.adapter) turns it into a per-request TritonError in one place.
 The library itself never imports Triton.
 """
 from __future__ import annotations

@@ -40,8 +40,8 @@ import numpy as np
 
 from .errors import ConfigError, InvalidInputError
 from .params import ModelContext, Params
-from .serving import TensorSpec
-from .status import MISSING, OK, column_bytes, join
+from .handler import Handler, InputSpec
+from mmfuse.wire import MISSING, NON_FINITE, OK, column_bytes, status_matrix
 
 _EPS = 1e-12
 
@@ -80,6 +80,7 @@ class FusionConfig:
     allow_random_init: bool = False
     seed: int = 0
     options: str = "{}"  # JSON hyper-parameters of an untrained (random-init) strategy
+    torch_threads: int = 0  # intra-op threads of the model's process (0: torch's default)
 
     STRATEGIES = ("late", "early", "hybrid", "attention")
 
@@ -108,7 +109,8 @@ class FusionConfig:
         except ValueError:
             raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' is not JSON: {options!r}") from None
         return cls(strategy, modalities, weights, params.bool("normalize", True), head_dir,
-                   params.bool("allow_random_init", False), params.int("seed", 0, minimum=0), options)
+                   params.bool("allow_random_init", False), params.int("seed", 0, minimum=0), options,
+                   params.int("torch_threads", 0, minimum=0))
 
 
 def load_strategy(config: FusionConfig, model_name: str = "fusion"):
@@ -146,24 +148,50 @@ def load_strategy(config: FusionConfig, model_name: str = "fusion"):
     return build(config.strategy, config.modalities, int(embed_dim), **options).eval()
 
 
-class FusionHandler:
+class FusionHandler(Handler):
     """Handler of the fusion models: N modalities in, FUSED, MODALITY_MASK, MODALITY_STATUS (+ SCORE) out."""
+
+    name = "fusion"
+    metrics_labels = ("all", "fusion")
 
     def __init__(self, config: FusionConfig, model_name: str = "fusion"):
         self.config = config
         self.model_name = model_name
         self.module = load_strategy(config, model_name)
-        self.inputs = tuple(
+
+    @classmethod
+    def parse(cls, context: ModelContext, params: Params) -> FusionConfig:
+        return FusionConfig.from_params(params, context)
+
+    @classmethod
+    def input_specs(cls, config: FusionConfig) -> tuple[InputSpec, ...]:
+        return tuple(
             spec
             for m in config.modalities
             for spec in (
-                TensorSpec(f"{m}_EMBEDDING", "f", row_rank=1),
-                TensorSpec(f"{m}_VALID", "b"),
-                TensorSpec(f"{m}_STATUS", "O", optional=True),
-                TensorSpec(f"{m}_SEQUENCE", "f", optional=True, row_rank=2),
-                TensorSpec(f"{m}_SEQUENCE_MASK", "b", optional=True, row_rank=1),
+                InputSpec(f"{m}_EMBEDDING", "f", row_rank=1),
+                InputSpec(f"{m}_VALID", "b"),
+                InputSpec(f"{m}_STATUS", "O", optional=True),
+                InputSpec(f"{m}_SEQUENCE", "f", optional=True, row_rank=2),
+                InputSpec(f"{m}_SEQUENCE_MASK", "b", optional=True, row_rank=1),
             )
         )
+
+    @classmethod
+    def output_names(cls, config: FusionConfig) -> tuple[str, ...]:
+        return ("FUSED", "MODALITY_MASK", "MODALITY_STATUS", "SCORE")
+
+    @classmethod
+    def optional_output_names(cls, config: FusionConfig) -> tuple[str, ...]:
+        return ("SCORE",)  # known for sure only once the head is loaded: see ``optional_outputs``
+
+    @classmethod
+    def build(cls, context: ModelContext, config: FusionConfig) -> "FusionHandler":
+        if config.torch_threads:  # measured: the attention head on 2 threads beside the encoders ran 7-90x slower
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
+        return cls(config, context.model_name)
 
     @property
     def has_score(self) -> bool:
@@ -172,15 +200,6 @@ class FusionHandler:
     @property
     def optional_outputs(self) -> tuple[str, ...]:
         return () if self.has_score else ("SCORE",)
-
-    @classmethod
-    def from_parameters(cls, context: ModelContext, params: Params) -> "FusionHandler":
-        threads = params.int("torch_threads", 0, minimum=0)
-        if threads:  # measured: the attention head on 2 threads beside the encoders ran 7-90x slower
-            import torch
-
-            torch.set_num_threads(threads)
-        return cls(FusionConfig.from_params(params, context), context.model_name)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         names = self.config.modalities
@@ -212,8 +231,8 @@ class FusionHandler:
             ])
         status_rows = [[statuses[j][i] for j in range(len(names))] for i in range(rows)]
         for i, j in zip(*np.nonzero(valid & ~finite)):
-            status_rows[i][j] = "non_finite"
-        out["MODALITY_STATUS"] = join(status_rows)
+            status_rows[i][j] = NON_FINITE
+        out["MODALITY_STATUS"] = status_matrix(status_rows)
         return out
 
     def _run_module(self, batch, embeddings: np.ndarray, present: np.ndarray) -> dict[str, np.ndarray]:

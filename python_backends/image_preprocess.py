@@ -46,8 +46,8 @@ import numpy as np
 
 from .openclip_models import ClipSpec, preprocess_config
 from .params import ModelContext, Params
-from .serving import TensorSpec
-from .status import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_array
+from .handler import Handler, InputSpec
+from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -189,15 +189,25 @@ def split_transform(transform):
     return Compose(head), np.ascontiguousarray(table)
 
 
-class ImagePreprocessor:
+@dataclass(frozen=True)
+class ImagePreprocessConfig:
+    spec: ClipSpec  # the transform is the model's
+    limits: ImageLimits = ImageLimits()
+    decode_threads: int = 2
+    jpeg_draft: bool = False
+
+
+class ImagePreprocessor(Handler):
     """Handler of the image_preprocess model: IMAGE bytes [B,1] -> PIXELS [B,3,H,W], VALID, STATUS."""
 
-    inputs = (TensorSpec("IMAGE", "O", row_rank=1),)
+    name = "image_preprocess"
+    metrics_labels = ("image", "preprocess")
 
     def __init__(self, spec: ClipSpec, limits: ImageLimits = ImageLimits(), decode_threads: int = 2,
                  jpeg_draft: bool = False, fast_tail: bool = True):
         from open_clip.transform import image_transform_v2
 
+        self.config = ImagePreprocessConfig(spec, limits, decode_threads, jpeg_draft)
         self.spec = spec
         self.limits = limits
         self.jpeg_draft = jpeg_draft
@@ -209,14 +219,26 @@ class ImagePreprocessor:
         self._pool = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode") if decode_threads > 1 else None
 
     @classmethod
-    def from_parameters(cls, context: ModelContext, params: Params) -> "ImagePreprocessor":
-        spec = ClipSpec.from_params(params, context, weights=False)
+    def parse(cls, context: ModelContext, params: Params) -> ImagePreprocessConfig:
         limits = ImageLimits(
             max_image_bytes=params.int("max_image_bytes", DEFAULT_MAX_IMAGE_BYTES, minimum=1),
             max_image_pixels=params.int("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, minimum=1),
         )
-        return cls(spec, limits, decode_threads=params.int("decode_threads", 2, minimum=1, maximum=64),
-                   jpeg_draft=params.bool("jpeg_draft", False))
+        return ImagePreprocessConfig(ClipSpec.from_params(params, context, weights=False), limits,
+                                     params.int("decode_threads", 2, minimum=1, maximum=64),
+                                     params.bool("jpeg_draft", False))
+
+    @classmethod
+    def input_specs(cls, config: ImagePreprocessConfig) -> tuple[InputSpec, ...]:
+        return (InputSpec("IMAGE", "O", row_rank=1),)
+
+    @classmethod
+    def output_names(cls, config: ImagePreprocessConfig) -> tuple[str, ...]:
+        return ("PIXELS", "VALID", "STATUS")
+
+    @classmethod
+    def build(cls, context: ModelContext, config: ImagePreprocessConfig) -> "ImagePreprocessor":
+        return cls(config.spec, config.limits, config.decode_threads, config.jpeg_draft)
 
     def decode(self, data: bytes):
         return decode_image(data, self.limits, self.cfg.size, self.cfg.resize_mode, jpeg_draft=self.jpeg_draft)
@@ -254,7 +276,7 @@ class ImagePreprocessor:
             if status != OK:
                 pixels[i] = 0.0  # a row that failed half-way holds nothing of it
         valid = np.array([[status == OK] for status in statuses], dtype=bool).reshape(len(rows), 1)
-        return {"PIXELS": pixels, "VALID": valid, "STATUS": status_array(statuses)}
+        return {"PIXELS": pixels, "VALID": valid, "STATUS": status_column(statuses)}
 
     def close(self) -> None:
         if self._pool is not None:

@@ -58,16 +58,6 @@ FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# Handlers this module knows: class name -> (modality, stage). A handler may instead declare
-# ``metrics_labels = (modality, stage)``; a fusion handler is recognised by ``config.modalities``.
-KNOWN_HANDLERS = {
-    "ImagePreprocessor": ("image", "preprocess"),
-    "ImageEncoder": ("image", "encode"),
-    "TextPreprocessor": ("text", "preprocess"),
-    "TextEncoder": ("text", "encode"),
-}
-
-
 def fusion_modalities(handler: Any) -> tuple[str, ...] | None:
     """The modalities of a fusion handler, in MODALITY_MASK order; None for other handlers.
 
@@ -83,13 +73,12 @@ def fusion_modalities(handler: Any) -> tuple[str, ...] | None:
 
 
 def describe(model_name: str, handler: Any) -> tuple[str, str]:
-    """(modality, stage) of a handler."""
+    """(modality, stage) of a handler: its declared ``metrics_labels`` (every mmfuse.serving.handler.Handler has
+    them); a handler of your own without them is labelled by its model."""
     declared = getattr(handler, "metrics_labels", None)
     if declared:
         return str(declared[0]), str(declared[1])
-    if fusion_modalities(handler):
-        return "all", "fusion"
-    return KNOWN_HANDLERS.get(type(handler).__name__, (model_name, "execute"))
+    return model_name, "execute"
 
 
 def _column_strings(array: np.ndarray) -> list[list[str]]:

@@ -19,6 +19,8 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 # Keys that Triton itself interprets; never reported as unknown.
 TRITON_KEYS = frozenset({"EXECUTION_ENV_PATH", "FORCE_CPU_ONLY_INPUT_TENSORS"})
+#: The key naming a model's handler (read by the adapter, not by the handler: see handler.py).
+HANDLER_KEY = "handler"
 
 _MISSING = object()
 
@@ -172,7 +174,7 @@ class Params:
 
     def reject_unknown(self, also_known: Iterable[str] = ()) -> None:
         """Fail on keys no getter asked for: a misspelt key must not be ignored silently."""
-        known = self._read | set(also_known) | TRITON_KEYS
+        known = self._read | set(also_known) | TRITON_KEYS | {HANDLER_KEY}
         unknown = sorted(set(self._raw) - known)
         if unknown:
             raise ConfigError(

@@ -31,8 +31,8 @@ import numpy as np
 
 from .errors import ConfigError, InvalidInputError
 from .params import ModelContext, Params
-from .serving import TensorSpec
-from .status import MISSING, OK, UNDECODABLE, status_array
+from .handler import Handler, InputSpec
+from mmfuse.wire import MISSING, OK, UNDECODABLE, status_column
 
 _EPS = 1e-12
 
@@ -90,10 +90,10 @@ def row_statuses(features: np.ndarray) -> list[str]:
     return [MISSING if all_nan[i] else (OK if finite[i].all() else UNDECODABLE) for i in range(features.shape[0])]
 
 
-class TabularEncoder:
+class TabularEncoder(Handler):
     """Handler of the tabular_encoder model: FEATURES [B,F] -> EMBEDDING [B,D], VALID [B,1], STATUS [B,1]."""
 
-    inputs = (TensorSpec("FEATURES", "f", row_rank=1),)
+    name = "tabular_encoder"
     metrics_labels = ("tabular", "encode")
 
     def __init__(self, config: TabularConfig, model_name: str = "tabular_encoder"):
@@ -104,8 +104,20 @@ class TabularEncoder:
         self.scale = np.asarray(config.feature_scale, dtype=np.float32)
 
     @classmethod
-    def from_parameters(cls, context: ModelContext, params: Params) -> "TabularEncoder":
-        return cls(TabularConfig.from_params(params), context.model_name)
+    def parse(cls, context: ModelContext, params: Params) -> TabularConfig:
+        return TabularConfig.from_params(params)
+
+    @classmethod
+    def input_specs(cls, config: TabularConfig) -> tuple[InputSpec, ...]:
+        return (InputSpec("FEATURES", "f", row_rank=1),)
+
+    @classmethod
+    def output_names(cls, config: TabularConfig) -> tuple[str, ...]:
+        return ("EMBEDDING", "VALID", "STATUS")
+
+    @classmethod
+    def build(cls, context: ModelContext, config: TabularConfig) -> "TabularEncoder":
+        return cls(config, context.model_name)
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """[N,F] finite rows -> [N,D] L2-normalised embeddings."""
@@ -130,4 +142,4 @@ class TabularEncoder:
         embedding = np.zeros((rows, self.config.embed_dim), dtype=np.float32)
         if valid.any():
             embedding[valid] = self.encode(features[valid])
-        return {"EMBEDDING": embedding, "VALID": valid.reshape(rows, 1), "STATUS": status_array(statuses)}
+        return {"EMBEDDING": embedding, "VALID": valid.reshape(rows, 1), "STATUS": status_column(statuses)}

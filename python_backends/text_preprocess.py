@@ -15,14 +15,15 @@ with, once it holds ``MAX_TOKENIZER_CACHE`` entries.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 from .openclip_models import ClipSpec, load_tokenizer
 from .params import ModelContext, Params
-from .serving import TensorSpec
-from .status import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_array
+from .handler import Handler, InputSpec
+from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
 
 DEFAULT_MAX_TEXT_CHARS = 4096
 MAX_TOKENIZER_CACHE = 100_000  # entries (~16 MB)
@@ -41,16 +42,26 @@ def check_text(data: bytes, max_chars: int) -> tuple[str | None, str]:
     return text, OK
 
 
-class TextPreprocessor:
+@dataclass(frozen=True)
+class TextPreprocessConfig:
+    spec: ClipSpec  # the tokenizer is the model's
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS
+
+
+class TextPreprocessor(Handler):
     """Handler of the text_preprocess model: TEXT [B,1] -> TOKENS int64 [B,L], VALID, STATUS."""
+
+    name = "text_preprocess"
+    metrics_labels = ("text", "preprocess")
 
     # AFTER: an optional input that is never read. An ensemble maps another branch's output to it
     # to make the text branch wait for that branch (see fuse_image_text: a Triton 2.51 ensemble
     # bug loses requests, and can crash the server, when one of two parallel branches fails while
     # the other still runs).
-    inputs = (TensorSpec("TEXT", "O", row_rank=1), TensorSpec("AFTER", "f", optional=True))
+    INPUTS = (InputSpec("TEXT", "O", row_rank=1), InputSpec("AFTER", "f", optional=True))
 
     def __init__(self, spec: ClipSpec, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
+        self.config = TextPreprocessConfig(spec, max_text_chars)
         self.spec = spec
         self.max_text_chars = max_text_chars
         self.tokenizer = load_tokenizer(spec)
@@ -59,9 +70,21 @@ class TextPreprocessor:
         self._cache_seed = dict(cache) if isinstance(cache, dict) else None
 
     @classmethod
-    def from_parameters(cls, context: ModelContext, params: Params) -> "TextPreprocessor":
-        spec = ClipSpec.from_params(params, context, weights=False)
-        return cls(spec, params.int("max_text_chars", DEFAULT_MAX_TEXT_CHARS, minimum=1))
+    def parse(cls, context: ModelContext, params: Params) -> TextPreprocessConfig:
+        return TextPreprocessConfig(ClipSpec.from_params(params, context, weights=False),
+                                    params.int("max_text_chars", DEFAULT_MAX_TEXT_CHARS, minimum=1))
+
+    @classmethod
+    def input_specs(cls, config: TextPreprocessConfig) -> tuple[InputSpec, ...]:
+        return cls.INPUTS
+
+    @classmethod
+    def output_names(cls, config: TextPreprocessConfig) -> tuple[str, ...]:
+        return ("TOKENS", "VALID", "STATUS")
+
+    @classmethod
+    def build(cls, context: ModelContext, config: TextPreprocessConfig) -> "TextPreprocessor":
+        return cls(config.spec, config.max_text_chars)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         rows = [check_text(data, self.max_text_chars) for data in column_bytes(batch["TEXT"])]
@@ -71,7 +94,7 @@ class TextPreprocessor:
         if index:
             tokens[index] = self.tokenizer([rows[i][0] for i in index]).numpy()
             self._bound_tokenizer_cache()
-        return {"TOKENS": tokens, "VALID": valid, "STATUS": status_array([status for _, status in rows])}
+        return {"TOKENS": tokens, "VALID": valid, "STATUS": status_column([status for _, status in rows])}
 
     def _bound_tokenizer_cache(self) -> None:
         cache = getattr(self.tokenizer, "cache", None)

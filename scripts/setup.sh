@@ -26,13 +26,11 @@ echo "mmfuse setup: installing ${torch_pins[*]} ..."
 "${PIP[@]}" "${torch_pins[@]}" 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
 "$VENV/bin/python" -c 'import torch, torchvision' >/dev/null
 
-echo "mmfuse setup: installing mmfuse and its dependencies ..."
-"${PIP[@]}" -e ".[test]" 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
-
-# The real tritonserver 2.51 (with the python backend) travels in the nvidia-pytriton wheel.
-# --no-deps: only its binary is used, never pytriton's Python API or its dependency pins.
-echo "mmfuse setup: installing tritonserver (nvidia-pytriton wheel, --no-deps) ..."
-"${PIP[@]}" --no-deps nvidia-pytriton==0.7.0 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
+# Every extra: [server] brings the real tritonserver 2.51 (the nvidia-pytriton wheel carries it; only its
+# binary and python backend are used, never pytriton's Python API), [client] the gRPC clients, [tools] the
+# benchmarks and evaluation, [test] the test suite and the linter.
+echo "mmfuse setup: installing mmfuse (editable) with its extras server, tools, test ..."
+"${PIP[@]}" -e ".[server,tools,test]" 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
 
 # OpenVINO's runtime, for the encoders' `engine: openvino`. --no-deps: its one other dependency,
 # openvino-telemetry, makes model conversion report usage over the network (and write ~/intel); without

@@ -21,7 +21,7 @@ def add_connection_args(p: argparse.ArgumentParser) -> None:
 
 def client_options(args: argparse.Namespace, **overrides):
     """``ClientOptions`` from the parsed arguments; ValueError names a bad option."""
-    from clients import ClientOptions, TLSOptions
+    from mmfuse.clients import ClientOptions, TLSOptions
 
     tls = None
     if args.tls or args.tls_ca or args.tls_cert or args.tls_key:

@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from ..server import DEFAULT_MODEL_REPOSITORY
+from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
 def register(sub) -> None:

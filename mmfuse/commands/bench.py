@@ -8,7 +8,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..server import REPO_ROOT
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -42,7 +41,7 @@ def register(sub) -> None:
     p.add_argument("--images", type=int, help="distinct input images (default 16; quick 4)")
     p.add_argument("--image-size", type=_size, help="WIDTHxHEIGHT of the generated JPEGs (default 640x480)")
     p.add_argument("--no-served", action="store_true", help="in-process measurements only (no tritonserver)")
-    p.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench.json"), help="JSON output (default docs/bench.json)")
+    p.add_argument("--out", default="", help="write the full results as JSON to this file")
     p.set_defaults(func=run)
 
 
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmfuse bench: {error}", file=sys.stderr)
         return 1
     print(table(result))
-    out = Path(args.out)
-    write_json(result, out)
-    print(f"wrote {out}")
+    if args.out:
+        write_json(result, Path(args.out))
+        print(f"wrote {args.out}")
     return 0

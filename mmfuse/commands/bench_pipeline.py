@@ -44,7 +44,7 @@ def _sample_image() -> bytes:
 def sample_request(module, n: int):
     """``n`` rows of plausible inputs for any generated ensemble: images for IMAGE-like BYTES inputs,
     captions for other BYTES inputs, zeros (-1 dims as 1) for numeric ones."""
-    from clients._runtime import NUMPY_DTYPES
+    from mmfuse.clients._runtime import NUMPY_DTYPES
 
     values = {}
     for t in module.SPEC.inputs:
@@ -59,7 +59,7 @@ def sample_request(module, n: int):
 
 
 def measure(module, options, requests: int, batch: int, in_flight: int, warmup: int) -> dict:
-    from clients.ensembles import ASYNC_CLIENTS, CLIENTS
+    from mmfuse.clients.ensembles import ASYNC_CLIENTS, CLIENTS
 
     name = module.SPEC.name
     request = CLIENTS[name].request_type(**sample_request(module, requests * batch))
@@ -91,8 +91,8 @@ def measure(module, options, requests: int, batch: int, in_flight: int, warmup: 
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients import MMFuseClientError
-    from clients.ensembles import MODULES
+    from mmfuse.clients import MMFuseClientError
+    from mmfuse.clients.ensembles import MODULES
 
     if args.ensemble not in MODULES:
         print(f"mmfuse bench-pipeline: no generated client for {args.ensemble!r}; have {', '.join(MODULES)}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..server import DEFAULT_MODEL_REPOSITORY
+from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
 def register(sub) -> None:

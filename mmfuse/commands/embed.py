@@ -45,9 +45,9 @@ async def embed_rows(client, sources: list[str], load, writer: RowWriter, window
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients import MMFuseClientError
-    from clients.embed_image import AsyncEmbedImageClient
-    from clients.embed_text import AsyncEmbedTextClient
+    from mmfuse.clients import MMFuseClientError
+    from mmfuse.clients.embed_image import AsyncEmbedImageClient
+    from mmfuse.clients.embed_text import AsyncEmbedTextClient
 
     try:
         out = check_output(args.out)

@@ -24,8 +24,8 @@ def _spec_signature(spec) -> tuple[list, list]:
 
 
 def list_ensembles(options) -> list[dict]:
-    from clients._runtime import connect
-    from clients.ensembles import MODULES, SPECS
+    from mmfuse.clients._runtime import connect
+    from mmfuse.clients.ensembles import MODULES, SPECS
 
     connection = connect(options)
     t = options.timeout_s

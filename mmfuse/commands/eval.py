@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..server import DEFAULT_MODEL_REPOSITORY
+from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients import MMFuseClientError
-    from clients.fuse_image_text import AsyncFuseImageTextClient, FuseImageTextRequest
+    from mmfuse.clients import MMFuseClientError
+    from mmfuse.clients.fuse_image_text import AsyncFuseImageTextClient, FuseImageTextRequest
 
     try:
         out = check_output(args.out)

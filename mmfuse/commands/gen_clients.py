@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..codegen import DEFAULT_OUT, CodegenError, sync
-from ..server import DEFAULT_MODEL_REPOSITORY
+from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
 def register(sub) -> None:

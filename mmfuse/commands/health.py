@@ -19,8 +19,8 @@ def register(sub) -> None:
 def check(options) -> dict:
     from tritonclient.utils import InferenceServerException
 
-    from clients._runtime import connect
-    from clients.ensembles import SPECS
+    from mmfuse.clients._runtime import connect
+    from mmfuse.clients.ensembles import SPECS
 
     report = {"url": options.url, "live": False, "ready": False, "ensembles": {}, "error": None}
     connection = connect(options)

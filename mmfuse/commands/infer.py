@@ -25,7 +25,7 @@ def _summary(vector: np.ndarray, k: int = 4) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from clients import MMFuseClient, MMFuseClientError
+    from mmfuse.clients import MMFuseClient, MMFuseClientError
 
     if not args.image and not args.text:
         print("mmfuse infer: give --image, --text or both", file=sys.stderr)

@@ -19,8 +19,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from tritonclient.utils import InferenceServerException
 
-    from clients._runtime import connect
-    from clients.ensembles import SPECS
+    from mmfuse.clients._runtime import connect
+    from mmfuse.clients.ensembles import SPECS
 
     try:
         options = client_options(args)

@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..server import DEFAULT_MODEL_REPOSITORY
+from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
 def register(sub) -> None:
@@ -24,7 +24,7 @@ def register(sub) -> None:
                    help="models to apply (default: every loaded model whose config.pbtxt differs from the served one; "
                         "name a model that is not loaded to load it)")
     p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY),
-                   help="folder with the edited config.pbtxt files (and each model's 1/model.py)")
+                   help="folder with the edited config.pbtxt files (and each model's version folders)")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC HOST:PORT of the server")
     p.add_argument("--dry-run", action="store_true", help="show the diff and validate; send nothing")
     p.add_argument("--no-probe", action="store_true", help="verify readiness only, send no probe request")

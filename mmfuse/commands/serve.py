@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..server import DEFAULT_MODEL_REPOSITORY, ServerConfig, ServerError, TLSConfig, serve_foreground
+from ..paths import DEFAULT_MODEL_REPOSITORY
+from ..server import ServerConfig, ServerError, TLSConfig, serve_foreground
 
 
 def register(sub) -> None:

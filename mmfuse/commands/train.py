@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..server import DEFAULT_MODEL_REPOSITORY
+from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
 def register(sub) -> None:

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .serving import tree_pss_bytes, tree_rss_bytes
+from .served_heads import tree_pss_bytes, tree_rss_bytes
 
 FUSION_MODELS = ("fusion", "fusion_pooled", "fusion_image_text_tabular")
 
@@ -135,7 +135,7 @@ def request_pool(client, options, ensemble: str, images: Sequence[bytes], texts:
                  seed: int = 0) -> list[dict[str, np.ndarray]]:
     """One-row requests for any ensemble, from its served config: IMAGE -> images, TEXT -> captions,
     <M>_EMBEDDING / <M>_VALID -> what embed_image / embed_text return for them, FEATURES -> seeded normals."""
-    from clients._runtime import call
+    from mmfuse.clients._runtime import call
 
     config = client.get_model_config(ensemble).config
     n = len(images)
@@ -326,7 +326,7 @@ def measure(client, url: str, ensemble: str, pool: list, outputs: Sequence[str],
 
 
 def warm_up(client, options, ensemble: str, pool: list, outputs: Sequence[str], rounds: int = 2) -> None:
-    from clients._runtime import call
+    from mmfuse.clients._runtime import call
 
     for request in pool[: max(1, rounds)]:
         call(client, ensemble, request, list(outputs), options)

@@ -25,7 +25,7 @@ from mmfuse import shapes
 
 from . import corruptions as C
 from . import metrics as M
-from .serving import ENSEMBLE, Head, run_rows
+from .served_heads import ENSEMBLE, Head, run_rows
 
 
 @dataclass
@@ -156,7 +156,7 @@ def fit_late_head(cache: EmbeddingCache, calibration: Dataset, out_dir: Path, se
     """The late-fusion similarity head (logistic on the image-text cosine), fitted on the calibration split."""
     import torch
 
-    from python_backends.strategies import build, save_head
+    from mmfuse.serving.strategies import build, save_head
 
     img, _ = cache.get("image", calibration.images)
     txt, _ = cache.get("text", calibration.texts)

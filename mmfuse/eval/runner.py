@@ -14,7 +14,7 @@ import numpy as np
 from . import corruptions as C
 from . import load as L
 from . import robustness as R
-from .serving import (ENSEMBLE, Head, Switcher, describe_machine, discover_heads, server_pid_for_port,
+from .served_heads import (ENSEMBLE, Head, Switcher, describe_machine, discover_heads, server_pid_for_port,
                       served_outputs)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -90,7 +90,8 @@ def served_ensembles(client) -> list[str]:
 
 def run(cfg: EvalConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Start (or reach) the server, evaluate, write the report; returns the report's JSON."""
-    from mmfuse.server import DEFAULT_MODEL_REPOSITORY, ServerConfig, TritonServer
+    from mmfuse.paths import DEFAULT_MODEL_REPOSITORY
+from mmfuse.server import ServerConfig, TritonServer
 
     started = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,7 @@ def run(cfg: EvalConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
 def _evaluate(cfg: EvalConfig, url: str, pid: int | None, repository: Path, embedded: bool) -> dict[str, Any]:
     import tritonclient.grpc as grpcclient
 
-    from clients import ClientOptions
+    from mmfuse.clients import ClientOptions
 
     client = grpcclient.InferenceServerClient(url)
     options = ClientOptions(url=url, timeout_s=cfg.timeout_s, retries=3, progress=False)

@@ -41,7 +41,7 @@ def checkpoint(tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from python_backends.openclip_models import register_model_configs
+    from mmfuse.serving.openclip_models import register_model_configs
 
     register_model_configs()
     torch.manual_seed(CHECKPOINT_SEED)
@@ -88,7 +88,7 @@ def server(e2e_repository, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(server):
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     with MMFuseClient(server.grpc_url, timeout_s=60) as client:
         yield client
@@ -100,7 +100,7 @@ class Reference:
     def __init__(self, checkpoint: Path):
         import open_clip
 
-        from python_backends.openclip_models import register_model_configs
+        from mmfuse.serving.openclip_models import register_model_configs
 
         register_model_configs()
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(

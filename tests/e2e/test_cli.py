@@ -27,7 +27,7 @@ def test_serve_runs_in_the_foreground_and_exits_cleanly_on_sigterm(tmp_path):
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "mmfuse serve not ready in 180 s"
             time.sleep(0.3)
-        from clients import MMFuseClient
+        from mmfuse.clients import MMFuseClient
 
         with MMFuseClient(f"127.0.0.1:{grpc}") as client:
             assert client.embed_text(["hello"]).valid.all()

@@ -52,7 +52,7 @@ def test_batch_over_max_batch_size_is_rejected(server):
 
 
 def test_client_raises_typed_errors_and_server_keeps_serving(client, server):
-    from clients import DeadlineExceeded, InvalidRequest
+    from mmfuse.clients import DeadlineExceeded, InvalidRequest
 
     with pytest.raises(InvalidRequest) as info:
         client.infer("embed_text", {"TEXT": np.zeros((1, 1), np.float32)}, ["EMBEDDING"])

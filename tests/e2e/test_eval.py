@@ -46,7 +46,7 @@ TOL = 2e-6  # report.json rounds its figures to 6 decimals
 @pytest.fixture(scope="module")
 def eval_repository(tmp_path_factory, checkpoint) -> Path:
     from mmfuse.export import export_head
-    from python_backends.strategies import build
+    from mmfuse.serving.strategies import build
 
     import shutil
 
@@ -105,7 +105,7 @@ def expected_scores(report, checkpoint, eval_repository) -> dict[str, dict[str, 
     import open_clip
 
     from mmfuse.training import Encoders, create_clip
-    from python_backends.strategies import FusionBatch, load_head
+    from mmfuse.serving.strategies import FusionBatch, load_head
 
     rob = report["robustness"]
     assert rob["dataset"]["per_kind"] == 4 and rob["levels"] == [0.0, 0.5, 1.0]

@@ -48,8 +48,8 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from python_backends.encoders import {handler}
-from python_backends.serving import TritonAdapter
+from mmfuse.serving.adapter import TritonAdapter
+from mmfuse.serving.handler import handler_of
 
 CONTROL = Path(__file__).with_name("fault.json")
 
@@ -70,7 +70,7 @@ class Faulty:
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.adapter = TritonAdapter(pb_utils, args, lambda context, params: Faulty({handler}.from_parameters(context, params)))
+        self.adapter = TritonAdapter(pb_utils, args, lambda context, params: Faulty(handler_of(params).from_parameters(context, params)))
 
     def execute(self, requests):
         return self.adapter.execute(requests)
@@ -83,8 +83,12 @@ TEXTS = [b"a lighthouse at dusk", b"a bowl of soup"]
 @pytest.fixture(scope="module")
 def fault_repository(e2e_repository, tmp_path_factory) -> Path:
     repo = copy_repository(e2e_repository, tmp_path_factory.mktemp("faults") / "model_repository")
-    for model, handler in (("image_encoder", "ImageEncoder"), ("text_encoder", "TextEncoder")):
-        (repo / model / "1" / "model.py").write_text(FAULTY_MODEL.format(handler=handler))
+    for model in ("image_encoder", "text_encoder"):
+        # A model of your own: Triton's plain python backend with a model.py in the version folder, wrapping the
+        # handler config.pbtxt names.
+        (repo / model / "1" / "model.py").write_text(FAULTY_MODEL.replace("{{", "{").replace("}}", "}"))
+        config = repo / model / "config.pbtxt"
+        config.write_text(config.read_text().replace('backend: "mmfuse"', 'backend: "python"'))
     return repo
 
 

@@ -7,13 +7,13 @@ import asyncio
 import numpy as np
 import pytest
 
-from clients import ClientOptions, DeadlineExceeded, InvalidRequest
-from clients._runtime import NUMPY_DTYPES
-from clients.embed_image import AsyncEmbedImageClient, EmbedImageClient
-from clients.embed_text import AsyncEmbedTextClient, EmbedTextClient, EmbedTextRequest
-from clients.ensembles import ASYNC_CLIENTS, CLIENTS, MODULES
-from clients.fuse_image_text import AsyncFuseImageTextClient, FuseImageTextClient
-from python_backends.status import decode_statuses
+from mmfuse.clients import ClientOptions, DeadlineExceeded, InvalidRequest
+from mmfuse.clients._runtime import NUMPY_DTYPES
+from mmfuse.clients.embed_image import AsyncEmbedImageClient, EmbedImageClient
+from mmfuse.clients.embed_text import AsyncEmbedTextClient, EmbedTextClient, EmbedTextRequest
+from mmfuse.clients.ensembles import ASYNC_CLIENTS, CLIENTS, MODULES
+from mmfuse.clients.fuse_image_text import AsyncFuseImageTextClient, FuseImageTextClient
+from mmfuse.wire import decode_statuses
 from tests.conftest import encode
 from tests.e2e.conftest import cosine
 
@@ -196,7 +196,7 @@ def test_server_side_errors_keep_their_type(server):
     with EmbedTextClient(server.grpc_url) as client:
         with pytest.raises(InvalidRequest, match="INVALID_ARGUMENT"):
             # 65 rows in one request: over max_batch_size; only a caller that bypasses the batching can send it.
-            from clients._runtime import call
+            from mmfuse.clients._runtime import call
 
             call(client.connection, "embed_text", {"TEXT": np.array([[b"a"]] * 65, dtype=object)}, ["EMBEDDING"],
                  client.options)

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clients.embed_image import EmbedImageClient
-from clients.embed_text import EmbedTextClient
-from clients.ensembles import CLIENTS
-from clients.fuse_image_text import FuseImageTextClient
+from mmfuse.clients.embed_image import EmbedImageClient
+from mmfuse.clients.embed_text import EmbedTextClient
+from mmfuse.clients.ensembles import CLIENTS
+from mmfuse.clients.fuse_image_text import FuseImageTextClient
 from mmfuse.cli import main as mmfuse
 from tests.conftest import encode
 

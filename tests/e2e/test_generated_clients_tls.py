@@ -11,8 +11,8 @@ import uuid
 import numpy as np
 import pytest
 
-from clients import ClientOptions, ServerUnavailable, TLSOptions
-from clients.ensembles import CLIENTS
+from mmfuse.clients import ClientOptions, ServerUnavailable, TLSOptions
+from mmfuse.clients.ensembles import CLIENTS
 from mmfuse import codegen
 from mmfuse.repository import copy_repository
 from mmfuse.server import TLSConfig

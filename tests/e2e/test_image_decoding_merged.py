@@ -54,7 +54,7 @@ def test_no_preprocessing_model_is_served(merged):
 
 
 def test_embed_image_matches_open_clip_and_masks_bad_rows(merged, reference, photo_bytes):
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     server, _ = merged
     truncated = photo_bytes[0][: len(photo_bytes[0]) // 3]
@@ -68,7 +68,7 @@ def test_embed_image_matches_open_clip_and_masks_bad_rows(merged, reference, pho
 
 
 def test_fuse_image_text_keeps_the_text_path_of_a_malformed_image(merged, reference, photo_bytes):
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     server, _ = merged
     with MMFuseClient(server.grpc_url, timeout_s=60) as client:
@@ -101,7 +101,7 @@ def tuned(tmp_path_factory, checkpoint):
 def test_the_cpu_profile_serves_the_users_model(tuned, reference, photo_bytes):
     import tritonclient.grpc as grpcclient
 
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     with grpcclient.InferenceServerClient(tuned.grpc_url) as client:
         config = client.get_model_config("image_encoder", as_json=True)["config"]

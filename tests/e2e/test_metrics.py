@@ -54,7 +54,7 @@ def by_label(after: dict, before: dict, name: str, label: str, **fixed: str) -> 
 
 
 def test_metrics_count_every_modality_under_load(server, photos):
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     image = encode(photos["coffee"])
     # One request = 5 rows with a known status mix per modality.
@@ -156,7 +156,7 @@ def test_every_series_the_dashboard_and_autoscaler_query_is_on_the_metrics_port(
     for rule in yaml.safe_load(adapter["data"]["config.yaml"])["rules"]:
         exprs += [rule["seriesQuery"], rule["metricsQuery"]]
     wanted = {n for e in exprs for n in re.findall(r"\b((?:nv|mmfuse)_[a-z0-9_]+)\b", e)}
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     with MMFuseClient(server.grpc_url, timeout_s=60) as client:  # series appear with the first request
         client.fuse_image_text([b""], ["a request"])

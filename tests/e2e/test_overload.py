@@ -28,7 +28,7 @@ def small_queue_server(tmp_path_factory):
 
 
 def test_full_queue_is_rejected_at_once_and_the_server_recovers(small_queue_server):
-    from clients import MMFuseClient, ServerUnavailable
+    from mmfuse.clients import MMFuseClient, ServerUnavailable
 
     rng = np.random.default_rng(0)
     heavy = [encode(rng.integers(0, 256, (1500, 1500, 3), dtype=np.uint8), "JPEG", quality=95) for _ in range(4)]

@@ -60,7 +60,7 @@ def reconfigure(server, *args: str) -> subprocess.CompletedProcess:
 
 
 def fuse(server, image: bytes):
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     with MMFuseClient(server.grpc_url, timeout_s=60) as client:
         # row 0: image and text; row 1: the same image alone

@@ -113,8 +113,8 @@ def malicious_checkpoints(directory: Path, marker: Path) -> list[Path]:
 
 
 def test_pickle_checkpoints_are_refused_before_anything_in_them_runs(tmp_path):
-    from python_backends.errors import WeightsError
-    from python_backends.openclip_models import ClipSpec, load_clip
+    from mmfuse.serving.errors import WeightsError
+    from mmfuse.serving.openclip_models import ClipSpec, load_clip
 
     marker = tmp_path / "pwned"
     paths = malicious_checkpoints(tmp_path, marker)

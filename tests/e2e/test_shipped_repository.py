@@ -32,7 +32,7 @@ def shipped_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped_client(shipped_server):
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     with MMFuseClient(shipped_server.grpc_url, timeout_s=120) as client:
         yield client
@@ -43,7 +43,7 @@ def test_shipped_encoders_reproduce_open_clip_on_the_shipped_checkpoint(shipped_
     import torch
     from PIL import Image
 
-    from python_backends.openclip_models import register_model_configs
+    from mmfuse.serving.openclip_models import register_model_configs
 
     params = parameters(load_config(DEFAULT_MODEL_REPOSITORY, "image_encoder"))
     assert params["allow_random_init"] == "false" and params["pretrained"].endswith(".safetensors")

@@ -189,7 +189,7 @@ def test_overload_is_refused_at_once_and_the_server_recovers(server):
             future = wire.stub.ModelInfer.future(request, timeout=300)
             future.add_done_callback(lambda f, sent=sent: finished(f, sent))
         # While the queue is full: a client that retries UNAVAILABLE with back-off gets its answer.
-        from clients import MMFuseClient
+        from mmfuse.clients import MMFuseClient
 
         with MMFuseClient(server.grpc_url, timeout_s=120, retries=10) as patient:
             assert patient.embed_image(IMAGES[:1]).status == ["ok"]

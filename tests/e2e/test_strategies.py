@@ -89,8 +89,8 @@ def _apply(server, strategy: str, options: dict, score: bool) -> None:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_strategy_selected_by_parameters_matches_in_process(case, explicit_server, examples, in_process):
-    from clients import MMFuseClient
-    from python_backends.strategies import FusionBatch, build
+    from mmfuse.clients import MMFuseClient
+    from mmfuse.serving.strategies import FusionBatch, build
 
     strategy, options = CASES[case]
     torch.manual_seed(SEED)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import load_config, parameters
-from python_backends.params import ModelContext, Params
-from python_backends.tabular import TabularEncoder
+from mmfuse.serving.params import ModelContext, Params
+from mmfuse.serving.tabular import TabularEncoder
 from tests.conftest import encode
 from tests.e2e.conftest import cosine
 

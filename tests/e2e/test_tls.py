@@ -108,7 +108,7 @@ def test_tls_refuses_plaintext_and_untrusting_clients(compose_tls_server):
 
 
 def test_tls_the_high_level_client_works(compose_tls_server, certs):
-    from clients import MMFuseClient
+    from mmfuse.clients import MMFuseClient
 
     with MMFuseClient(compose_tls_server.grpc_url, ssl=True, root_certificates=str(certs.ca)) as client:
         result = client.embed_text([t.decode() for t in TEXTS])

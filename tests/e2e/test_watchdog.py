@@ -27,7 +27,7 @@ def _wait(predicate, timeout: float, what: str):
 
 
 def test_serve_reloads_a_model_whose_process_was_killed(tmp_path, checkpoint):
-    from clients import MMFuseClient, MMFuseClientError
+    from mmfuse.clients import MMFuseClient, MMFuseClientError
 
     repo = tiny_repository(tmp_path / "repo", checkpoint)
     grpc, http, metrics = free_port(), free_port(), free_port()

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pytest
 
-from python_backends.params import ModelContext, Params
+from mmfuse.serving.params import ModelContext, Params
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -114,7 +114,7 @@ def open_clip_tiny():
     """open_clip with the shipped ``mmfuse-tiny`` architecture registered."""
     import open_clip
 
-    from python_backends.openclip_models import register_model_configs
+    from mmfuse.serving.openclip_models import register_model_configs
 
     register_model_configs()
     return open_clip

@@ -8,7 +8,7 @@ import pytest
 
 from mmfuse import bench
 from mmfuse.repository import load_config, parameters
-from python_backends.params import ModelContext, Params
+from mmfuse.serving.params import ModelContext, Params
 from tests.unit.conftest import TINY
 
 
@@ -92,10 +92,10 @@ def test_generated_repository(tmp_path, profile):
 @pytest.mark.parametrize("profile", sorted(bench.PROFILES))
 def test_profile_parameters_are_known_to_the_handlers(open_clip_tiny, profile):
     """Every parameter a profile sets is read by its handler (a typo would fail the model's load)."""
-    from python_backends.encoders import ImageEncoder, TextEncoder
-    from python_backends.image_preprocess import ImagePreprocessor
-    from python_backends.openclip_models import ClipSpec
-    from python_backends.text_preprocess import TextPreprocessor
+    from mmfuse.serving.encoders import ImageEncoder, TextEncoder
+    from mmfuse.serving.image_preprocess import ImagePreprocessor
+    from mmfuse.serving.openclip_models import ClipSpec
+    from mmfuse.serving.text_preprocess import TextPreprocessor
 
     factories = {"image_preprocess": ImagePreprocessor, "text_preprocess": TextPreprocessor,
                  "image_encoder": ImageEncoder, "text_encoder": TextEncoder}

@@ -74,7 +74,7 @@ def test_committed_clients_are_current(capsys):
 
 
 def test_every_shipped_ensemble_has_a_generated_module_and_only_ensembles_do():
-    from clients import ensembles
+    from mmfuse.clients import ensembles
 
     expected = sorted(m for m in (p.parent.name for p in MODEL_REPOSITORY.glob("*/config.pbtxt"))
                       if load_config(MODEL_REPOSITORY, m).platform == "ensemble")
@@ -97,7 +97,7 @@ def test_generation_is_deterministic_and_regenerating_changes_nothing(tmp_path):
 
 
 def test_the_spec_mirrors_the_config_including_minus_one_dims():
-    from clients.fuse_image_text import SPEC
+    from mmfuse.clients.fuse_image_text import SPEC
 
     config = load_config(MODEL_REPOSITORY, "fuse_image_text")
     assert SPEC.max_batch_size == config.max_batch_size

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from clients import ClientOptions, TLSOptions
-from clients._runtime import EnsembleSpec, TensorSpec, batch_slices, call, encode_inputs
-from clients.embed_text import EmbedTextClient, EmbedTextRequest
-from clients.errors import DeadlineExceeded, InvalidRequest, MMFuseClientError, ServerUnavailable
-from clients.fuse_image_text import SPEC as FUSE
+from mmfuse.clients import ClientOptions, TLSOptions
+from mmfuse.clients._runtime import EnsembleSpec, TensorSpec, batch_slices, call, encode_inputs
+from mmfuse.clients.embed_text import EmbedTextClient, EmbedTextRequest
+from mmfuse.clients.errors import DeadlineExceeded, InvalidRequest, MMFuseClientError, ServerUnavailable
+from mmfuse.clients.fuse_image_text import SPEC as FUSE
 from mmfuse.server import free_port
 
 SPEC = EnsembleSpec("m", 4, (TensorSpec("X", "FP32", (2, -1), "x"), TensorSpec("S", "BYTES", (1,), "s")),

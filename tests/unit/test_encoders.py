@@ -1,13 +1,13 @@
-"""python_backends.encoders (and the weight loading of openclip_models) against open_clip run in-process."""
+"""mmfuse.serving.encoders (and the weight loading of openclip_models) against open_clip run in-process."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from python_backends.encoders import ImageEncoder, TextEncoder, encode_text
-from python_backends.errors import ConfigError, WeightsError
-from python_backends.openclip_models import ClipSpec, load_clip
-from python_backends.params import ModelContext
+from mmfuse.serving.encoders import ImageEncoder, TextEncoder, encode_text
+from mmfuse.serving.errors import ConfigError, WeightsError
+from mmfuse.serving.openclip_models import ClipSpec, load_clip
+from mmfuse.serving.params import ModelContext
 from tests.unit.conftest import TINY, assert_names, cosine_rows, make_params
 
 SEED = 3
@@ -395,7 +395,7 @@ def photo(seed: int, size=(96, 72), fmt="JPEG") -> bytes:
 @pytest.mark.parametrize("engine", ["torch", "openvino"])
 def test_decoding_encoder_equals_preprocess_then_encode(open_clip_tiny, engine):
     """Same EMBEDDING, VALID and STATUS as the two handlers one after the other; a bad row stays its own."""
-    from python_backends.image_preprocess import ImagePreprocessor
+    from mmfuse.serving.image_preprocess import ImagePreprocessor
     from tests.unit.conftest import bytes_column
 
     params = make_params("image_encoder", model_name=TINY, allow_random_init="true", seed="3", engine=engine,

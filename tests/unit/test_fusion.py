@@ -1,12 +1,12 @@
-"""python_backends.fusion: late fusion math, its config, and the N-modality fusion handler."""
+"""mmfuse.serving.fusion: late fusion math, its config, and the N-modality fusion handler."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from python_backends.errors import ConfigError, InvalidInputError
-from python_backends.fusion import FusionConfig, FusionHandler, late_fusion
-from python_backends.params import ModelContext
+from mmfuse.serving.errors import ConfigError, InvalidInputError
+from mmfuse.serving.fusion import FusionConfig, FusionHandler, late_fusion
+from mmfuse.serving.params import ModelContext
 from tests.unit.conftest import assert_names, bytes_column, decode_column, make_params
 
 ALL_OUTPUTS = frozenset({"FUSED", "MODALITY_MASK", "MODALITY_STATUS"})

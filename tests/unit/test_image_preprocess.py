@@ -1,4 +1,4 @@
-"""python_backends.image_preprocess: encoded bytes -> exactly open_clip's own preprocessing.
+"""mmfuse.serving.image_preprocess: encoded bytes -> exactly open_clip's own preprocessing.
 
 The reference is open_clip itself: ``create_model_and_transforms(name, pretrained=tag, load_weights=False)``
 gives the preprocessing config open_clip attaches to the model and its val transform. Two things keep that
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from python_backends.image_preprocess import ImageLimits, ImagePreprocessor
-from python_backends.openclip_models import ClipSpec, preprocess_config
-from python_backends.params import Params
+from mmfuse.serving.image_preprocess import ImageLimits, ImagePreprocessor
+from mmfuse.serving.openclip_models import ClipSpec, preprocess_config
+from mmfuse.serving.params import Params
 from tests.conftest import encode
 from tests.unit.conftest import SHIPPED_MODEL, TINY, bytes_column, context_for, decode_column, load_model_config
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, ImageFile
 
-from python_backends import text_preprocess
-from python_backends.image_preprocess import ImageLimits, ImageRejected, decode_image, resized_pixels
+from mmfuse.serving import text_preprocess
+from mmfuse.serving.image_preprocess import ImageLimits, ImageRejected, decode_image, resized_pixels
 from tests.corpus import eps_document, png_bomb
 
 
@@ -56,7 +56,7 @@ def test_postscript_never_reaches_a_decoder(monkeypatch):
 def test_the_tokenizer_cache_is_bounded_and_tokens_are_unchanged(monkeypatch):
     import open_clip
 
-    from python_backends.openclip_models import ClipSpec
+    from mmfuse.serving.openclip_models import ClipSpec
 
     monkeypatch.setattr(text_preprocess, "MAX_TOKENIZER_CACHE", 500)
     handler = text_preprocess.TextPreprocessor(ClipSpec("mmfuse-tiny"), max_text_chars=4096)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from mmfuse.server import ServerConfig
-from python_backends import metrics
+from mmfuse.serving import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

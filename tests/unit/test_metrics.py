@@ -1,4 +1,4 @@
-"""python_backends.metrics behind a typed fake of the python backend's custom-metric API.
+"""mmfuse.serving.metrics behind a typed fake of the python backend's custom-metric API.
 
 The fake follows triton_python_backend_utils: ``MetricFamily(name, description, kind)`` with kinds
 COUNTER / GAUGE / HISTOGRAM as class attributes, ``family.Metric(labels=dict[, buckets=list])``,
@@ -12,12 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from python_backends import metrics as m
-from python_backends.fusion import FusionHandler
-from python_backends.params import ModelContext, Params
-from python_backends.serving import TritonAdapter
-from python_backends.status import join, status_array
-from python_backends.tabular import TabularEncoder
+from mmfuse.serving import metrics as m
+from mmfuse.serving.fusion import FusionHandler
+from mmfuse.serving.params import ModelContext, Params
+from mmfuse.serving.adapter import TritonAdapter
+from mmfuse.wire import status_column, status_matrix
+from mmfuse.serving.tabular import TabularEncoder
 
 
 class FakeMetric:
@@ -140,10 +140,12 @@ def fusion_handler(modalities: str = "image,text", weights: str = "1,1") -> Fusi
 
 
 def test_describe_knows_every_shipped_handler_kind():
-    class ImagePreprocessor: ...
-    class TextEncoder: ...
-    assert m.describe("image_preprocess", ImagePreprocessor()) == ("image", "preprocess")
-    assert m.describe("text_encoder", TextEncoder()) == ("text", "encode")
+    from mmfuse.serving.handler import HANDLERS, resolve
+
+    labels = {name: resolve(name).metrics_labels for name in HANDLERS}
+    assert labels == {"image_preprocess": ("image", "preprocess"), "text_preprocess": ("text", "preprocess"),
+                      "image_encoder": ("image", "encode"), "text_encoder": ("text", "encode"),
+                      "tabular_encoder": ("tabular", "encode"), "fusion": ("all", "fusion")}
     assert m.describe("fusion", fusion_handler()) == ("all", "fusion")
     assert m.describe("tabular_encoder", TabularEncoder.__new__(TabularEncoder)) == ("tabular", "encode")
     assert m.describe("custom", object()) == ("custom", "execute")
@@ -160,10 +162,10 @@ def test_fusion_modalities_come_from_the_config_or_the_embedding_inputs():
 
 
 def test_count_statuses_reads_status_and_modality_status():
-    single = {"STATUS": status_array(["ok", "missing", "ok", "undecodable"])}
+    single = {"STATUS": status_column(["ok", "missing", "ok", "undecodable"])}
     assert m.count_statuses(single, "image", None) == {("image", "ok"): 2, ("image", "missing"): 1,
                                                       ("image", "undecodable"): 1}
-    fused = {"MODALITY_STATUS": join([["ok", "too_large"], ["missing", "ok"]])}
+    fused = {"MODALITY_STATUS": status_matrix([["ok", "too_large"], ["missing", "ok"]])}
     assert m.count_statuses(fused, "all", ("image", "text")) == {
         ("image", "ok"): 1, ("text", "too_large"): 1, ("image", "missing"): 1, ("text", "ok"): 1}
 
@@ -186,7 +188,7 @@ def test_every_family_is_created_once_with_an_mmfuse_name():
 def test_no_metric_api_means_no_metrics():
     recorder = m.ModelMetrics.create(FakePbWithoutMetrics, "fusion", fusion_handler())
     assert isinstance(recorder, m.NullMetrics)
-    recorder.observe({"STATUS": status_array(["ok"])}, 1, 0.1)  # does nothing, raises nothing
+    recorder.observe({"STATUS": status_column(["ok"])}, 1, 0.1)  # does nothing, raises nothing
     assert FakeMetricFamily.registry == {}
 
 
@@ -195,7 +197,7 @@ def test_observe_counts_rows_statuses_patterns_and_time():
     outputs = {
         "FUSED": np.zeros((3, 4), np.float32),
         "MODALITY_MASK": np.array([[True, True], [False, True], [False, True]]),
-        "MODALITY_STATUS": join([["ok", "ok"], ["undecodable", "ok"], ["missing", "ok"]]),
+        "MODALITY_STATUS": status_matrix([["ok", "ok"], ["undecodable", "ok"], ["missing", "ok"]]),
     }
     recorder.observe(outputs, 3, 0.002)
     recorder.observe(outputs, 3, 0.004)
@@ -249,7 +251,7 @@ def fusion_request(rows: int, image_valid: bool) -> FakeRequest:
     return FakeRequest(
         IMAGE_EMBEDDING=rng.standard_normal((rows, 8)).astype(np.float32),
         IMAGE_VALID=np.full((rows, 1), image_valid),
-        IMAGE_STATUS=status_array(["ok" if image_valid else "missing"] * rows),
+        IMAGE_STATUS=status_column(["ok" if image_valid else "missing"] * rows),
         TEXT_EMBEDDING=rng.standard_normal((rows, 8)).astype(np.float32),
         TEXT_VALID=np.ones((rows, 1), bool),
     )

@@ -1,4 +1,4 @@
-"""python_backends.params: typed config.pbtxt parameters and the model context Triton passes."""
+"""mmfuse.serving.params: typed config.pbtxt parameters and the model context Triton passes."""
 from __future__ import annotations
 
 import json
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from python_backends.errors import ConfigError
-from python_backends.params import ModelContext, Params
+from mmfuse.serving.errors import ConfigError
+from mmfuse.serving.params import ModelContext, Params
 from tests.unit.conftest import assert_names, make_params
 
 MODEL = "fusion_test"

@@ -159,24 +159,23 @@ def test_ensemble_rules(shipped, edit, fragment):
     assert any(fragment in e for e in errors), errors
 
 
-def test_a_python_model_without_its_model_py_is_refused(shipped, tmp_path):
+def test_a_python_model_without_a_version_folder_is_refused(shipped, tmp_path):
     repo = copy_repository(REPO, tmp_path / "repo")
     for version in [p for p in (repo / "fusion").iterdir() if p.is_dir() and p.name.isdigit()]:
         shutil.rmtree(version)
     errors = validate_one("fusion", lambda c: None, shipped, repo)
-    assert any("model 'fusion'" in e and "handler" in e for e in errors), errors
+    assert any("model 'fusion'" in e and "version folder" in e for e in errors), errors
 
 
-def test_the_handler_factory_is_read_from_model_py():
-    factory, qualname = rc._handler_factory(REPO / "fusion", load_config(REPO, "fusion"))
-    assert qualname == "python_backends.fusion.FusionHandler"
-    assert factory.__name__ == "from_parameters"
-    _, qualname = rc._handler_factory(REPO / "tabular_encoder", load_config(REPO, "tabular_encoder"))
-    assert qualname == "python_backends.tabular.TabularEncoder"
+def test_a_model_that_names_no_handler_or_an_unknown_one_is_refused(shipped):
+    errors = validate_one("fusion", lambda c: c.parameters.pop("handler"), shipped)
+    assert any("model 'fusion'" in e and "names no handler" in e for e in errors), errors
+    errors = validate_one("fusion", lambda c: c.parameters["handler"].__setattr__("string_value", "fusoin"), shipped)
+    assert any("'fusoin' is not a handler" in e and "image_encoder" in e for e in errors), errors
 
 
 def test_encoders_are_validated_without_loading_weights(shipped, monkeypatch):
-    import python_backends.encoders as encoders
+    import mmfuse.serving.encoders as encoders
 
     def no_weights(*args, **kwargs):
         raise AssertionError("validation must not load weights")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import ast
-import importlib
 from functools import cache
 
 import pytest
 
-from python_backends.params import Params
+from mmfuse.serving import triton_model_path
+from mmfuse.serving.handler import HANDLERS, resolve
+from mmfuse.serving.params import Params
 from tests.unit.conftest import MODEL_REPOSITORY, context_for, load_model_config, load_model_config_proto, model_names
 
 OPEN_CLIP_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder")
@@ -57,7 +58,7 @@ def test_config_name_matches_folder(name):
 @pytest.mark.parametrize("name", BACKEND_MODELS)
 def test_backend_models_batch_dynamically_with_a_bounded_queue(name):
     cfg = config(name)
-    assert cfg.backend == "python"
+    assert cfg.backend == "mmfuse"
     assert cfg.max_batch_size > 0
     assert cfg.HasField("dynamic_batching")
     assert cfg.dynamic_batching.default_queue_policy.max_queue_size > 0
@@ -137,22 +138,18 @@ def test_open_clip_models_agree():
 
 # -- the python models ---------------------------------------------------------------------------------------
 def handler_factory(name: str):
-    """The factory that ``<name>/1/model.py`` hands to TritonAdapter, resolved without importing model.py
-    (which needs triton_python_backend_utils)."""
-    tree = ast.parse((MODEL_REPOSITORY / name / "1" / "model.py").read_text())
-    modules = {alias.asname or alias.name: node.module
-               for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}
-    [call] = [n for n in ast.walk(tree)
-              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "TritonAdapter"]
-    factory = call.args[2]
-    assert isinstance(factory, ast.Attribute) and isinstance(factory.value, ast.Name)
-    cls = getattr(importlib.import_module(modules[factory.value.id]), factory.value.id)
-    return getattr(cls, factory.attr)
+    """The handler class the model's config.pbtxt names (parameter ``handler``), built from its parameters."""
+    return resolve(parameters(name)["handler"], name).from_parameters
 
 
 @pytest.mark.parametrize("name", BACKEND_MODELS)
-def test_model_py_is_a_thin_adapter(name):
-    source = (MODEL_REPOSITORY / name / "1" / "model.py").read_text()
+def test_every_python_model_names_a_shipped_handler_and_carries_no_code(name):
+    assert parameters(name)["handler"] in HANDLERS
+    assert not list((MODEL_REPOSITORY / name).rglob("*.py")), "handlers are bound by config.pbtxt, not by model.py"
+
+
+def test_the_backend_model_py_is_a_thin_adapter():
+    source = triton_model_path().read_text()
     assert len(source.splitlines()) <= 25
     tree = ast.parse(source)
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names}

@@ -1,4 +1,4 @@
-"""python_backends.serving.TritonAdapter behind a small typed fake of triton_python_backend_utils.
+"""mmfuse.serving.adapter.TritonAdapter behind a small typed fake of triton_python_backend_utils.
 
 The fake implements only what the adapter uses, with the real signatures and semantics
 (https://github.com/triton-inference-server/python_backend#usage): one InferenceResponse per request,
@@ -12,10 +12,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import pytest
 
-from python_backends.errors import ConfigError, InvalidInputError
-from python_backends.fusion import FusionHandler, late_fusion
-from python_backends.serving import TensorSpec, TritonAdapter
-from python_backends.text_preprocess import TextPreprocessor
+from mmfuse.serving.errors import ConfigError, InvalidInputError
+from mmfuse.serving.fusion import FusionHandler, late_fusion
+from mmfuse.serving.adapter import TritonAdapter
+from mmfuse.serving.handler import InputSpec
+from mmfuse.serving.text_preprocess import TextPreprocessor
 from tests.unit.conftest import (
     SHIPPED_MODEL, TINY, assert_names, late_fusion_config, bytes_column, decode_column, load_model_config, triton_args, with_parameters,
 )
@@ -125,7 +126,7 @@ def assert_same_outputs(got: InferenceResponse, expected: InferenceResponse) -> 
         np.testing.assert_array_equal(got_outputs[name], array, err_msg=name)
 
 
-# -- the two real handlers, as model.py builds them --------------------------------------------------------------
+# -- the two real handlers, as the mmfuse backend builds them --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fusion_adapter() -> TritonAdapter:
     return TritonAdapter(FakePbUtils, triton_args("fusion", late_fusion_config()), FusionHandler.from_parameters)
@@ -266,7 +267,7 @@ def test_only_requested_outputs_are_returned(fusion_adapter):
 class Doubler:
     """X [B,D] -> Y = 2X. Refuses negative input (InvalidInputError), crashes on NaN (ValueError)."""
 
-    inputs = (TensorSpec("X", "f", row_rank=1),)
+    inputs = (InputSpec("X", "f", row_rank=1),)
 
     def __init__(self):
         self.calls: list[int] = []
@@ -360,7 +361,7 @@ def test_invalid_parameter_value_fails_construction():
 
 def test_a_required_input_the_config_does_not_declare_fails_the_load(open_clip_tiny):
     """decode_images set on an image_encoder whose config still declares PIXELS: refused at load, not per request."""
-    from python_backends.encoders import ImageEncoder
+    from mmfuse.serving.encoders import ImageEncoder
 
     config = with_parameters(load_model_config("image_encoder"), model_name="mmfuse-tiny", pretrained="",
                              allow_random_init="true", decode_images="true")

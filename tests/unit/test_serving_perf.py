@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from python_backends.encoders import ImageEncoder, TextEncoder
-from python_backends.image_preprocess import ImagePreprocessor, draft_size, split_transform
-from python_backends.openclip_models import ClipSpec
+from mmfuse.serving.encoders import ImageEncoder, TextEncoder
+from mmfuse.serving.image_preprocess import ImagePreprocessor, draft_size, split_transform
+from mmfuse.serving.openclip_models import ClipSpec
 from tests.conftest import encode
 from tests.unit.conftest import TINY, bytes_column, cosine_rows, load_model_config, make_params
 
@@ -177,7 +177,7 @@ def test_all_valid_rows_skip_the_copy_and_give_the_same_embeddings(open_clip_tin
 def test_patch_embedding_equals_the_convolution(channels, width, patch, size, bias):
     import torch
 
-    from python_backends.encoders import _patch_embedding_type
+    from mmfuse.serving.encoders import _patch_embedding_type
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(channels, width, kernel_size=patch, stride=patch, bias=bias).eval()
@@ -201,7 +201,7 @@ def test_image_encoder_uses_the_matmul_patch_embedding(open_clip_tiny):
 def test_overlapping_or_padded_stems_are_left_alone():
     import torch
 
-    from python_backends.encoders import patch_embedding_as_matmul
+    from mmfuse.serving.encoders import patch_embedding_as_matmul
 
     class Stem(torch.nn.Module):
         def __init__(self, conv):
@@ -220,8 +220,8 @@ def test_overlapping_or_padded_stems_are_left_alone():
 def test_sequence_first_text_transformer_gives_the_same_outputs(open_clip_tiny, tiny_tokenizer, precision):
     import torch
 
-    from python_backends.encoders import encode_text
-    from python_backends.openclip_models import load_clip
+    from mmfuse.serving.encoders import encode_text
+    from mmfuse.serving.openclip_models import load_clip
 
     spec = ClipSpec(TINY, allow_random_init=True, seed=5, precision=precision)
     encoder = TextEncoder(spec)

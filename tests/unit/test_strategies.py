@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from python_backends.strategies import FusionBatch, build, load_head, save_head
-from python_backends.strategies.blocks import GatedCrossAttention
+from mmfuse.serving.strategies import FusionBatch, build, load_head, save_head
+from mmfuse.serving.strategies.blocks import GatedCrossAttention
 
 D, WI, WT, TI, TT = 16, 12, 10, 9, 7
 CASES = {

@@ -6,9 +6,9 @@ import pytest
 
 from mmfuse.repository import load_config, parameters
 from mmfuse.server import DEFAULT_MODEL_REPOSITORY as REPO
-from python_backends.errors import ConfigError, InvalidInputError
-from python_backends.params import ModelContext, Params
-from python_backends.tabular import TabularConfig, TabularEncoder
+from mmfuse.serving.errors import ConfigError, InvalidInputError
+from mmfuse.serving.params import ModelContext, Params
+from mmfuse.serving.tabular import TabularConfig, TabularEncoder
 
 CONTEXT = ModelContext("tabular_encoder", model_dir=REPO / "tabular_encoder")
 
@@ -87,7 +87,7 @@ def test_a_request_of_the_wrong_width_is_an_invalid_argument():
 
 # -- the shipped model folders ------------------------------------------------------------------------------------
 def test_shipped_tabular_models_fit_together():
-    from python_backends.openclip_models import ClipSpec
+    from mmfuse.serving.openclip_models import ClipSpec
 
     tab = load_config(REPO, "tabular_encoder")
     ensemble = load_config(REPO, "fuse_image_text_tabular")
@@ -105,10 +105,10 @@ def test_shipped_tabular_models_fit_together():
 
 
 def test_the_three_modality_fusion_runs_the_same_code_as_fusion():
-    """No fusion code for the third modality: the adapter is the same file (and the logic is fusion.py)."""
-    same = (REPO / "fusion_image_text_tabular" / "1" / "model.py").read_text()
-    assert same == (REPO / "fusion" / "1" / "model.py").read_text(), (
-        "model_repository/fusion_image_text_tabular/1/model.py must stay a copy of fusion/1/model.py")
+    """No fusion code for the third modality: both models name the same handler (the logic is fusion.py)."""
+    handler = {name: load_config(REPO, name).parameters["handler"].string_value
+               for name in ("fusion", "fusion_image_text_tabular")}
+    assert handler == {"fusion": "fusion", "fusion_image_text_tabular": "fusion"}
 
 
 def test_the_existing_public_ensembles_are_unchanged_by_the_third_modality():

@@ -1,12 +1,12 @@
-"""python_backends.text_preprocess: UTF-8 bytes -> open_clip tokens, per row, never failing the batch."""
+"""mmfuse.serving.text_preprocess: UTF-8 bytes -> open_clip tokens, per row, never failing the batch."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from python_backends.openclip_models import ClipSpec
-from python_backends.params import Params
-from python_backends.text_preprocess import TextPreprocessor
+from mmfuse.serving.openclip_models import ClipSpec
+from mmfuse.serving.params import Params
+from mmfuse.serving.text_preprocess import TextPreprocessor
 from tests.unit.conftest import SHIPPED_MODEL, TINY, bytes_column, context_for, decode_column, load_model_config
 
 MAX_CHARS = 50

@@ -1,9 +1,10 @@
-"""mmfuse benchmark: the strategy table of the README, regenerated.
+"""mmfuse compare (alias: benchmark): which fusion strategy, measured on the same encoders and data.
 
 For each strategy, a head is trained on the repository's frozen encoders (the served head is used
 as it is for the served strategy) and evaluated on freshly generated data: accuracy on positives,
 on relation-swapped and on attribute negatives, and balanced accuracy with the image or the text
-removed. Writes JSON and replaces the table between the README's benchmark markers.
+removed. Prints a Markdown table; ``--out`` writes JSON, ``--readme`` replaces the table between a
+Markdown file's benchmark markers.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..server import DEFAULT_MODEL_REPOSITORY, REPO_ROOT
+from ..paths import DEFAULT_MODEL_REPOSITORY
 
 START, END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
 
@@ -21,14 +22,15 @@ START, END = "<!-- benchmark-table:start -->", "<!-- benchmark-table:end -->"
 def register(sub) -> None:
     from ..presets import PRESETS
 
-    p = sub.add_parser("benchmark", help="train every strategy's head on the frozen encoders and tabulate accuracy")
+    p = sub.add_parser("compare", aliases=["benchmark"],
+                       help="train every strategy's head on the frozen encoders and tabulate accuracy")
     p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
     p.add_argument("--strategies", nargs="+", choices=PRESETS, default=list(PRESETS))
     p.add_argument("--steps", type=int, default=1500, help="training steps per head")
     p.add_argument("--per-kind", type=int, default=300, help="fresh evaluation examples per kind")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPO_ROOT / "docs" / "benchmark.json"))
-    p.add_argument("--readme", default=str(REPO_ROOT / "README.md"), help="README whose table is replaced ('' = none)")
+    p.add_argument("--out", default="", help="write the results as JSON to this file")
+    p.add_argument("--readme", default="", help="a Markdown file whose table between the benchmark markers is replaced")
     p.set_defaults(func=run)
 
 
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import training
     from ..repository import load_config, parameters
-    from python_backends.strategies import load_head
+    from mmfuse.serving.strategies import load_head
 
     repo = Path(args.repository)
     enc = parameters(load_config(repo, "image_encoder"))
@@ -91,11 +93,12 @@ def run(args: argparse.Namespace) -> int:
     results = {p: results[p] for p in args.strategies}
     text = table(results, served_preset)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"results": results, "served": served_preset, "steps_per_head": args.steps,
-                               "per_kind": args.per_kind, "seed": args.seed,
-                               "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"results": results, "served": served_preset, "steps_per_head": args.steps,
+                                   "per_kind": args.per_kind, "seed": args.seed,
+                                   "seconds": round(time.monotonic() - started, 1)}, indent=2) + "\n")
     if args.readme:
         update_readme(Path(args.readme), text)
     return 0

@@ -1,11 +1,12 @@
 """The one adapter between Triton's Python backend and mmfuse's handlers.
 
-Every ``model_repository/<model>/1/model.py`` is three lines around
+Every Python model of the repository runs the ``mmfuse`` backend, whose one
+``model.py`` (``mmfuse/serving/triton_model.py``) is three lines around
 ``TritonAdapter``: it passes in the ``triton_python_backend_utils`` module (so
-this file never imports Triton and is tested with a small typed fake) and a
-handler factory. The adapter
+this file never imports Triton and is tested with a small typed fake). The adapter
 
-* parses config.pbtxt once (``initialize``) into the handler,
+* builds the handler config.pbtxt names (parameter ``handler``, see handler.py)
+  from its parameters, once (``initialize``),
 * checks each request's tensors against the handler's declared inputs and
   answers a structurally wrong request with INVALID_ARG naming the tensor,
 * concatenates the rows of all requests in a dynamic batch, calls the handler
@@ -18,34 +19,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ConfigError, InternalError, InvalidInputError, MMFuseError
+from .handler import Handler, InputSpec, handler_of, undeclared_inputs
 from .metrics import ModelMetrics
 from .params import ModelContext, Params
 
 log = logging.getLogger("mmfuse")
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """A tensor a handler reads. ``kind`` is a numpy dtype kind check: 'O' strings, 'b' bool, 'f', 'i'."""
-
-    name: str
-    kind: str
-    optional: bool = False
-    # Rank of one row (without the batch dimension), None for "any".
-    row_rank: int | None = None
-
-
-class Handler(Protocol):
-    inputs: Sequence[TensorSpec]
-
-    def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
-        """Rows of every input, concatenated over the dynamic batch -> outputs with the same row count."""
 
 
 HandlerFactory = Callable[[ModelContext, Params], Handler]
@@ -62,7 +45,7 @@ def _kind_ok(array: np.ndarray, kind: str) -> bool:
 
 
 def validate_request_inputs(
-    model_name: str, specs: Sequence[TensorSpec], arrays: Mapping[str, np.ndarray | None]
+    model_name: str, specs: Sequence[InputSpec], arrays: Mapping[str, np.ndarray | None]
 ) -> tuple[dict[str, np.ndarray], int]:
     """Check one request's tensors; return the present ones and the request's row count."""
     present: dict[str, np.ndarray] = {}
@@ -98,16 +81,6 @@ def validate_request_inputs(
     return present, rows
 
 
-def undeclared_inputs(model_name: str, handler: Handler, declared: Sequence[str]) -> list[str]:
-    """One message per required input of ``handler`` that config.pbtxt does not declare (empty: all declared)."""
-    return [
-        f"model '{model_name}': its handler ({type(handler).__name__}) reads input '{spec.name}', which config.pbtxt "
-        f"does not declare (inputs: {', '.join(declared) or 'none'}); an image_encoder with decode_images reads "
-        "IMAGE, without it PIXELS"
-        for spec in getattr(handler, "inputs", ()) or () if not spec.optional and spec.name not in declared
-    ]
-
-
 def concat_batches(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray] | None:
     """Concatenate per-request inputs along the batch axis; None if their row shapes differ."""
     if len(parts) == 1:
@@ -127,15 +100,18 @@ def concat_batches(parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.nd
 class TritonAdapter:
     """Runs a handler behind Triton's Python-backend interface. ``pb`` is triton_python_backend_utils."""
 
-    def __init__(self, pb: Any, args: Mapping[str, str], factory: HandlerFactory):
+    def __init__(self, pb: Any, args: Mapping[str, str], factory: HandlerFactory | None = None):
         self.pb = pb
         config = json.loads(args["model_config"])
         self.context = ModelContext.from_triton_args(args)
         self.model_name = self.context.model_name
         params = Params.from_model_config(self.model_name, config)
+        if factory is None:  # the handler config.pbtxt names (parameter "handler")
+            factory = handler_of(params).from_parameters
         self.handler = factory(self.context, params)
         params.reject_unknown()
-        undeclared = undeclared_inputs(self.model_name, self.handler, [t["name"] for t in config.get("input", [])])
+        undeclared = undeclared_inputs(self.model_name, self.handler.inputs, [t["name"] for t in config.get("input", [])],
+                                       type(self.handler).__name__)
         if undeclared:  # every request would fail: fail the load instead, saying why
             raise ConfigError("; ".join(undeclared))
         self.output_dtypes = {

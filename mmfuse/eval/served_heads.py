@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from python_backends.strategies.base import HEAD_CONFIG
+from mmfuse.serving.strategies.base import HEAD_CONFIG
 
 FUSION = "fusion"
 ENSEMBLE = "fuse_image_text"
@@ -153,7 +153,7 @@ def _column(values: Sequence[bytes | str]) -> np.ndarray:
 def run_rows(client, options, ensemble: str, columns: dict[str, list], outputs: Sequence[str], batch: int,
              in_flight: int, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Send ``columns`` ([N] rows each) in requests of ``batch`` rows, ``in_flight`` at once; outputs in row order."""
-    from clients._runtime import call
+    from mmfuse.clients._runtime import call
 
     n = len(next(iter(columns.values())))
     chunks = [slice(i, min(n, i + batch)) for i in range(0, n, batch)]
