@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ._runtime import AsyncEnsembleClient, BytesInput, EnsembleClient, EnsembleSpec, TensorSpec
+from mmfuse.clients._runtime import AsyncEnsembleClient, BytesInput, EnsembleClient, EnsembleSpec, TensorSpec
 
 SPEC = EnsembleSpec(
     name="embed_image",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ._runtime import ArrayInput, AsyncEnsembleClient, EnsembleClient, EnsembleSpec, TensorSpec
+from mmfuse.clients._runtime import ArrayInput, AsyncEnsembleClient, EnsembleClient, EnsembleSpec, TensorSpec
 
 SPEC = EnsembleSpec(
     name="fuse_embeddings",

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ._runtime import ArrayInput, AsyncEnsembleClient, BytesInput, EnsembleClient, EnsembleSpec, TensorSpec
+from mmfuse.clients._runtime import ArrayInput, AsyncEnsembleClient, BytesInput, EnsembleClient, EnsembleSpec, TensorSpec
 
 SPEC = EnsembleSpec(
     name="fuse_image_text_tabular",

@@ -25,9 +25,9 @@ a shared machine where absolute figures move with the load:
   one-thread figures above, and measured: one process per core, each decoding and encoding batches of
   the bench's images in a loop, all at once (the served path without Triton, gRPC or a client).
 
-Profiles are data (``PROFILES``), each setting with the measurement that chose it; ``baseline`` is
-the shipped repository's settings (fp32, one instance of each model, one thread) for the before/after
-figures. The generated config.pbtxt files carry the reasons as comments.
+Profiles are data (mmfuse/profiles/*.json, one line of reason per setting; the figures that chose them
+are in docs/performance.md); ``baseline`` is the shipped repository's settings (fp32, one instance of each
+model, one thread) for the before/after figures.
 """
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .profiles import Tuning, apply_profile, load_profile, profile_names
+
 BENCH_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder", "fusion",
                 "embed_image", "embed_text", "fuse_image_text")
 OPEN_CLIP_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder")
@@ -65,138 +67,8 @@ CAPTIONS = (
 )
 
 
-# -- profiles ------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Tuning:
-    """Serving settings of one composing model, and why."""
-
-    kind: str = "KIND_CPU"
-    count: int = 1
-    preferred: tuple[int, ...] = ()
-    delay_us: int = 1000
-    params: dict[str, str] = field(default_factory=dict)
-    why: str = ""
-
-
-PROFILES: dict[str, dict[str, Tuning]] = {
-    # "Before": the shipped repository's settings, pinned here so that the figure does not drift with it:
-    # fp32, one instance of each model, one torch thread (the shipped torch_threads), no preferred sizes.
-    "baseline": {
-        "image_preprocess": Tuning(count=1, delay_us=1000, params={"decode_threads": "2"},
-                                   why="the shipped settings (before)"),
-        "image_encoder": Tuning(count=1, delay_us=2000, params={"precision": "fp32", "torch_threads": "1"},
-                                why="the shipped settings (before): fp32, one instance, one thread"),
-        "text_preprocess": Tuning(count=1, delay_us=1000, why="the shipped settings (before)"),
-        "text_encoder": Tuning(count=1, delay_us=2000,
-                               params={"precision": "fp32", "torch_threads": "1", "trim_text_tokens": "true"},
-                               why="the shipped settings (before): fp32, one instance, one thread"),
-    },
-    # CPU: measured on the 2-core development machine (README "Performance" has the figures).
-    "cpu": {
-        "image_preprocess": Tuning(
-            count=1, delay_us=2000, params={"decode_threads": "1", "jpeg_draft": "true"},
-            why="merged into image_encoder (MERGE_IMAGE_DECODING): each encoder instance decodes its own batch, then "
-                "runs it, so the two instances keep both cores busy without a decoding process between them; served "
-                "A/B, two runs each, same session: embed_image 81.0 and 82.8 img/s merged vs 81.4 and 80.0 separate, "
-                "fuse_image_text 71.8 and 71.0 vs 68.7 and 69.7. decode_threads 1: an instance's decoding thread "
-                "would only take the core its tower needs. exact decode + resize of a 640x480 JPEG is 3.3-5.3 ms of "
-                "one core (decode 1.0-1.3, resize 1.9-2.9, tensor tail 0.1), 13-16 % of the bf16 tower's time per "
-                "image; jpeg_draft (libjpeg's DCT scaling to the smallest size that still covers the resize: 320x240 "
-                "here) measured 1.9x faster (5.30 -> 2.77 ms; 3.25 -> 1.86 ms) at a mean pixel difference of 0.017 "
-                "(about one grey level) and embedding cosine >= 0.9999 against exact decoding"),
-        "image_encoder": Tuning(
-            count=2, preferred=(4, 8), delay_us=5000,
-            params={"precision": "bf16", "torch_threads": "1", "engine": "openvino"},
-            why="bf16 (the CPU's bf16 matrix units): 2.8-3.7x fp32 in-process at cosine 0.9999; engine openvino (the "
-                "same open_clip tower compiled by OpenVINO, which fuses the elementwise work torch runs op by op): "
-                "served embed_image 80.2 and 78.8 img/s against 71.9 for torch between them, fuse_image_text 66.4 "
-                "and 67.6 against 60.7 (one run, quiet machine); one thread per instance, one instance per core "
-                "(openvino: two instances of one thread 82.0 and 78.9 img/s, one of two threads 73.4 and 73.4): "
-                "one instance of 2 threads served 4.5 img/s where two of one thread served 17 (same run, other work "
-                "on the machine: OpenMP teams spin against the other processes); one thread, bf16: batch 1 ~40 "
-                "img/s, 8-16 ~49 (openvino): preferred 4/8 and 5 ms take most of the batching gain while a batch "
-                "of 8 still ends in ~0.2 s"),
-        "text_preprocess": Tuning(
-            count=1, delay_us=1000,
-            why="tokenising is ~50 us per caption: one instance, short delay"),
-        "text_encoder": Tuning(
-            count=2, preferred=(8, 16), delay_us=3000,
-            params={"precision": "bf16", "torch_threads": "1", "trim_text_tokens": "true", "engine": "openvino"},
-            why="short captions trimmed to the longest one (11 tokens instead of 77: 6x fewer FLOPs) and run "
-                "sequence-first; engine openvino (one graph for every trimmed length): in-process bf16 490 "
-                "captions/s against torch's 429 (fp32 261 against ~116), served embed_text 376.9 and 369.4 against "
-                "350.4 and 349.0, fuse_image_text 70.4 and 68.4 against 68.7 and 66.7 (one alternating run); two "
-                "single-threaded instances: embed_text 599.1 and 583.1 captions/s against 364.0 and 376.2 with one "
-                "(one instance holds one core), fuse_image_text 70.5 and 70.5 against 69.0 and 69.1, p99 at 70 % "
-                "load 152 ms against 156-158 (one alternating run)"),
-    },
-    # GPU (KIND_GPU): fp16 towers on the device, large batches; preprocessing stays on the CPU.
-    "gpu": {
-        "image_preprocess": Tuning(
-            count=2, delay_us=1000, params={"decode_threads": "8", "jpeg_draft": "true"},
-            why="on a GPU machine decoding is the bottleneck: 640x480 JPEGs, measured on the H200 host's 16 cores: "
-                "137 img/s with 1 decode thread, 608 with 8, 818 with 16, against 6,550 img/s for the fp16 tower; "
-                "two instances of 8 threads use the cores (more instances: set count to cores/8); jpeg_draft decodes at the "
-                "reduced size (1.9x faster per image on the CPU machine)"),
-        "image_encoder": Tuning(
-            kind="KIND_GPU", count=1, preferred=(32, 64), delay_us=2000,
-            params={"precision": "fp16", "torch_threads": "1"},
-            why="measured on an H200, batch 64, in-process handler: fp16 6,550 img/s vs fp32 2,950 (2.2x; bf16 "
-                "5,500) at cosine 0.99999 vs fp32; batches of 32-64 keep the GPU busy; pixels go to the device "
-                "once and only the embedding (and the sequence when an ensemble maps it) comes back"),
-        "text_preprocess": Tuning(count=1, delay_us=500, why="tokenising stays on the CPU (~50 us per caption)"),
-        "text_encoder": Tuning(
-            kind="KIND_GPU", count=1, preferred=(32, 64), delay_us=2000,
-            params={"precision": "fp16", "torch_threads": "1", "trim_text_tokens": "false"},
-            why="fp16 on the tensor cores (1.2x fp32 for short captions: launch-bound); trimming measured 0.7x "
-                "on the H200 at batch 64 (short sequences save FLOPs a GPU is not short of): off here"),
-    },
-}
-
-
-# Whether fuse_image_text routes the encoders' token sequences into its (late) fusion step: the shipped
-# repository does (its attention head reads them), so the baseline keeps them; the tuned profiles serve late
-# fusion as a late deployment should, without them.
-ROUTE_SEQUENCES = {"baseline": True, "cpu": False, "gpu": False}
-
-
-# Whether the image encoder decodes the images itself (image_preprocess folded into it by
-# mmfuse.repository.merge_image_decoding; its parameters go to the encoder). On the CPU the two share the same
-# cores, and one process per instance saves a hop per image; on a GPU decoding needs CPU threads of its own
-# beside the device's work, so it stays a model of its own.
-MERGE_IMAGE_DECODING = {"baseline": False, "cpu": True, "gpu": False}
-
-
-def write_profile_config(repository: Path, model: str, tuning: Tuning, profile: str) -> None:
-    """Apply ``tuning`` to ``repository/model/config.pbtxt``, with the reasons as comments above it."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    from .repository import config_path, load_config
-
-    config = load_config(repository, model)
-    del config.instance_group[:]
-    group = config.instance_group.add()
-    group.kind = model_config_pb2.ModelInstanceGroup.Kind.Value(tuning.kind)
-    group.count = tuning.count
-    if tuning.kind == "KIND_GPU":
-        group.gpus.append(0)
-    batching = config.dynamic_batching
-    del batching.preferred_batch_size[:]
-    batching.preferred_batch_size.extend(tuning.preferred)
-    batching.max_queue_delay_microseconds = tuning.delay_us
-    for key, value in tuning.params.items():
-        config.parameters[key].string_value = value
-    header = [f"# mmfuse bench profile '{profile}' for {model}:"]
-    header += [f"#   {line}" for line in _wrap(tuning.why, 96)]
-    path = config_path(repository, model)
-    path.write_text("\n".join(header) + "\n" + text_format.MessageToString(config))
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width) or [""]
+# -- profiles (data: mmfuse/profiles/*.json, applied by mmfuse.profiles.apply_profile) ---------------------------
+PROFILES: dict[str, dict[str, Tuning]] = {name: load_profile(name).models for name in profile_names()}
 
 
 def build_repository(target: Path, model_name: str, profile: str, source: Path | None = None,
@@ -221,34 +93,9 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
     set_fusion_head(target, "fusion", "late", "", has_head=False)
     # Late fusion reads the pooled embeddings only: a late deployment does not route the token sequences
     # (the encoders then skip converting and shipping them); the baseline keeps the shipped routing.
-    set_sequence_routing(target, "fuse_image_text", "fusion", ROUTE_SEQUENCES[profile])
+    set_sequence_routing(target, "fuse_image_text", "fusion", load_profile(profile).route_sequences)
     apply_profile(target, profile, extra_params=extra_params)
     return target
-
-
-def apply_profile(repository: Path, profile: str, merge_decoding: bool | None = None,
-                  extra_params: dict[str, dict[str, str]] | None = None) -> list[str]:
-    """Write ``profile``'s settings (instances, batching, parameters, with their reasons) into the models of
-    ``repository`` that it tunes, and fold image decoding into the image encoder where the profile does
-    (``MERGE_IMAGE_DECODING``; ``merge_decoding`` overrides it). Models, weights, fusion and the ensembles'
-    public tensors are left as they are. Returns the models tuned."""
-    from .repository import header_lines, merge_image_decoding, set_parameters
-
-    repository = Path(repository)
-    tuned = [m for m in PROFILES[profile] if (repository / m / "config.pbtxt").is_file()]
-    for model in tuned:
-        write_profile_config(repository, model, PROFILES[profile][model], profile)
-    for model, values in (extra_params or {}).items():
-        set_parameters(repository, model, values)
-    merge = MERGE_IMAGE_DECODING[profile] if merge_decoding is None else merge_decoding
-    if merge and (repository / "image_preprocess").is_dir() and (repository / "image_encoder").is_dir():
-        # The preprocessing model's reasons go with its parameters, below the encoder's own.
-        notes = header_lines(repository / "image_preprocess" / "config.pbtxt")
-        if merge_image_decoding(repository):
-            path = repository / "image_encoder" / "config.pbtxt"
-            head = header_lines(path)
-            path.write_text("\n".join(head + notes + path.read_text().splitlines()[len(head):]) + "\n")
-    return tuned
 
 
 # -- machine ---------------------------------------------------------------------------------------------------------

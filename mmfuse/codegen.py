@@ -227,7 +227,7 @@ from typing import Any
 
 import numpy as np
 
-from ._runtime import {imports}
+from mmfuse.clients._runtime import {imports}
 
 SPEC = EnsembleSpec(
     name={_q(e.name)},
@@ -352,8 +352,13 @@ def sync(repository: Path = DEFAULT_MODEL_REPOSITORY, out_dir: Path = DEFAULT_OU
         if not check:
             out_dir.mkdir(parents=True, exist_ok=True)
             path.write_text(content, encoding="utf-8")
+    init = out_dir / "__init__.py"
+    if not init.exists() and not check:  # a folder of its own (e.g. beside `mmfuse init`'s repository): a package
+        init.write_text(f"{GENERATED_MARK} from {Path(repository).name}. Do not edit.\n"
+                        f"from .{INDEX_MODULE} import ASYNC_CLIENTS, CLIENTS, MODULES, SPECS  # noqa: F401\n")
+        report.written.append("__init__.py")
     for path in sorted(out_dir.glob("*.py")) if out_dir.is_dir() else []:
-        if path.name not in files and is_generated(path):
+        if path.name not in files and path.name != "__init__.py" and is_generated(path):
             report.removed.append(path.name)
             if not check:
                 path.unlink()

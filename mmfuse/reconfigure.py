@@ -166,6 +166,14 @@ def check_python_model(name: str, config: ModelConfig, model_dir: Path, load_wei
     return []
 
 
+def validate_repository(repository: Path) -> list[str]:
+    """Every model of a repository checked offline as a change is (the handlers' own parameter parsing
+    without loading weights, Triton's ensemble rules, response-cache guards); empty when valid."""
+    changes = [ModelChange(name, load_config(repository, name), None, config_path(repository, name))
+               for name in repository_models(repository)]
+    return validate(changes, {}, repository)
+
+
 def check_ensemble(name: str, config: ModelConfig, configs: Mapping[str, ModelConfig]) -> list[str]:
     """Triton's own load-time rules for an ensemble, plus required inputs, against the given step configs."""
     errors = []

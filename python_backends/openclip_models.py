@@ -4,7 +4,9 @@ Parameters shared by image_preprocess, text_preprocess, image_encoder and text_e
 
 =================  ==========================================================================
 model_name         open_clip architecture (``ViT-B-32``, or ``mmfuse-tiny`` shipped here)
-model_config_file  optional: a JSON open_clip model config to register (relative to the model dir)
+model_config_file  optional: a JSON open_clip model config to register (relative to the model dir);
+                   its optional "pretrained" object names tags of that model: {"TAG": {"hf_hub":
+                   "org/repo/", "mean": [...], "std": [...]}}, resolved like open_clip's own
 pretrained         weights: an open_clip pretrained tag (``laion2b_s34b_b79k``) or a checkpoint
                    file (.safetensors preferred; .pt/.pth/.bin loaded with weights_only=True)
 allow_random_init  ``true`` lets a model with no weights load with seeded random weights
@@ -38,6 +40,28 @@ def register_model_configs(extra: Path | None = None) -> None:
         if not extra.is_file():
             raise ConfigError(f"model config file {extra} does not exist")
         open_clip.add_model_config(extra)
+        _register_pretrained_tags(extra)
+
+
+def _register_pretrained_tags(path: Path) -> None:
+    """Tags a model config file names (its "pretrained" object) become open_clip pretrained tags of that model,
+    resolved by open_clip itself (Hugging Face hub id, cache_dir, offline cache). open_clip keeps tags in its
+    pretrained registry; the key is removed from the architecture config, which the model constructor reads."""
+    import json
+
+    from open_clip import factory, pretrained
+
+    name = path.stem
+    tags = json.loads(path.read_text()).get("pretrained")
+    for config in factory._MODEL_CONFIGS.values():  # every add_model_config re-reads every file
+        config.pop("pretrained", None)
+    if not tags:
+        return
+    if not isinstance(tags, dict) or not all(isinstance(v, dict) and v.get("hf_hub") for v in tags.values()):
+        raise ConfigError(f"model config file {path}: \"pretrained\" must map each tag to an object with \"hf_hub\"")
+    registry = pretrained._PRETRAINED.setdefault(name, {})
+    for tag, cfg in tags.items():
+        registry[tag] = pretrained._pcfg(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()})
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """mmfuse apply-profile PROFILE --out DIR [--model-repository SRC] [--separate-decoding]
 
-Writes a copy of a model repository with a bench profile's serving settings: the settings ``mmfuse bench``
-measured (instances, batching, precision, engine, threads, decoding), on your models and weights. The logic
-lives in mmfuse/bench.py (``PROFILES``, ``apply_profile``).
+Writes a copy of a model repository with a serving profile's settings (mmfuse/profiles/*.json: instances,
+batching, precision, engine, threads, decoding topology), on your models and weights; ``mmfuse.profiles``.
 """
 from __future__ import annotations
 
@@ -15,11 +14,11 @@ from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
 def register(sub) -> None:
-    from ..bench import PROFILES
+    from ..profiles import profile_names
 
     p = sub.add_parser("apply-profile", help="copy a model repository with a bench profile's serving settings "
                                              "(instances, batching, precision, engine, decoding), validated offline")
-    p.add_argument("profile", choices=sorted(PROFILES), help="cpu, gpu (KIND_GPU, fp16) or baseline")
+    p.add_argument("profile", choices=profile_names(), help="cpu, gpu (KIND_GPU, fp16) or baseline")
     p.add_argument("--out", required=True, help="the new repository (must not exist, or be empty)")
     p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY), help="the repository to copy")
     p.add_argument("--separate-decoding", action="store_true",
@@ -28,19 +27,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def validate_repository(repository: Path) -> list[str]:
-    """Every model checked offline as `mmfuse reconfigure` checks a change (the handlers' own parameter
-    parsing without loading weights, Triton's ensemble rules, response-cache guards)."""
-    from ..reconfigure import ModelChange, validate
-    from ..repository import config_path, load_config, models
-
-    changes = [ModelChange(name, load_config(repository, name), None, config_path(repository, name))
-               for name in models(repository)]
-    return validate(changes, {}, repository)
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..bench import MERGE_IMAGE_DECODING, PROFILES, apply_profile
+    from ..profiles import apply_profile, load_profile
+    from ..reconfigure import validate_repository
     from ..repository import copy_repository
 
     source, out = Path(args.model_repository), Path(args.out)
@@ -53,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
     if out.exists():
         out.rmdir()
     copy_repository(source, out)
-    merge = False if args.separate_decoding else None
+    profile = load_profile(args.profile)
     try:
-        tuned = apply_profile(out, args.profile, merge_decoding=merge)
+        tuned = apply_profile(out, profile, decoding="separate" if args.separate_decoding else None)
         errors = validate_repository(out) if tuned else [
-            f"none of the models profile {args.profile!r} tunes ({', '.join(PROFILES[args.profile])}) is in {source}"]
+            f"none of the models profile {args.profile!r} tunes ({', '.join(profile.models)}) is in {source}"]
     except ValueError as error:
         errors = [str(error)]
     if errors:
@@ -72,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"tuned   {out / model / 'config.pbtxt'}")
         else:
             print(f"merged  {model} into image_encoder (decode_images: true; its settings and reasons are there)")
-    if MERGE_IMAGE_DECODING[args.profile] and args.separate_decoding:
+    if profile.merges_decoding and args.separate_decoding:
         print("kept    image_preprocess separate (--separate-decoding)")
     print(f"{out}: profile {args.profile!r} applied and validated offline; serve it with "
           f"`mmfuse serve --model-repository {out}`")

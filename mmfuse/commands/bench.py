@@ -21,12 +21,12 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def register(sub) -> None:
-    from ..bench import PROFILES
+    from ..profiles import profile_names
 
     p = sub.add_parser("bench", help="measure the serving path against the machine's matmul limit (starts its own "
                                      "tritonserver on a generated ViT-B-32 repository); prints a table, writes JSON")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture, random weights (default ViT-B-32)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="cpu", help="serving settings (default cpu)")
+    p.add_argument("--profile", choices=profile_names(), default="cpu", help="serving settings (default cpu)")
     p.add_argument("--baseline", action="store_true",
                    help="also serve the shipped settings (fp32, one instance each) for before/after")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests): few inputs, seconds per step")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import copy_repository, set_parameters
-from mmfuse.server import DEFAULT_MODEL_REPOSITORY, ServerConfig, ServerError, TritonServer
+from mmfuse.server import ServerConfig, ServerError, TritonServer
+from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
 CHECKPOINT_SEED = 1234
 MAX_IMAGE_BYTES = 3_000_000

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import copy_repository, load_config, save_config
-from mmfuse.server import DEFAULT_MODEL_REPOSITORY
+from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 from tests.conftest import encode
 from tests.e2e.conftest import start_server
 

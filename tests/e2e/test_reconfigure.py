@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import copy_repository, load_config, parameters, save_config, set_parameters
-from mmfuse.server import DEFAULT_MODEL_REPOSITORY
+from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 from tests.conftest import encode
 from tests.e2e.conftest import cosine, start_server
 

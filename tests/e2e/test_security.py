@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from mmfuse.repository import copy_repository, set_parameters
-from mmfuse.server import REPO_ROOT, ServerError
+from mmfuse.server import ServerError
+from tests.paths import REPO_ROOT
 from tests.corpus import clean_jpeg
 from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire, statuses

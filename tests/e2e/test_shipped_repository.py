@@ -16,7 +16,7 @@ import pytest
 
 from mmfuse import shapes
 from mmfuse.repository import load_config, parameters
-from mmfuse.server import DEFAULT_MODEL_REPOSITORY
+from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 from tests.conftest import encode
 from tests.e2e.conftest import cosine, start_server
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import yaml
 
-from mmfuse.server import REPO_ROOT, TLSConfig
+from mmfuse.server import TLSConfig
+from tests.paths import REPO_ROOT
 from mmfuse.tls import make_certificates
 from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from mmfuse import bench
+from mmfuse.profiles import load_profile
 from mmfuse.repository import load_config, parameters
 from mmfuse.serving.params import ModelContext, Params
 from tests.unit.conftest import TINY
@@ -56,7 +57,7 @@ def test_inputs_are_deterministic_jpegs():
 @pytest.mark.parametrize("profile", sorted(bench.PROFILES))
 def test_generated_repository(tmp_path, profile):
     repo = bench.build_repository(tmp_path / "repo", "ViT-B-32", profile)
-    merged = bench.MERGE_IMAGE_DECODING[profile]
+    merged = load_profile(profile).merges_decoding
     expected = [m for m in bench.BENCH_MODELS if not (merged and m == "image_preprocess")]
     assert sorted(p.name for p in repo.iterdir()) == sorted(expected)
     for model in [m for m in bench.OPEN_CLIP_MODELS if m in expected]:
@@ -71,7 +72,7 @@ def test_generated_repository(tmp_path, profile):
         if merged and model == "image_preprocess":
             # Folded into the encoder: its parameters and its reasons are there.
             text = (repo / "image_encoder" / "config.pbtxt").read_text()
-            assert f"# mmfuse bench profile '{profile}' for image_preprocess:" in text
+            assert "decoding (image_preprocess folded in): " + tuning.why.split()[0] in text
             encoder = parameters(load_config(repo, "image_encoder"))
             assert encoder["decode_images"] == "true"
             assert all(encoder[key] == value for key, value in tuning.params.items())
@@ -79,7 +80,7 @@ def test_generated_repository(tmp_path, profile):
             continue
         config = load_config(repo, model)
         text = (repo / model / "config.pbtxt").read_text()
-        assert text.startswith(f"# mmfuse bench profile '{profile}' for {model}:")
+        assert text.startswith(f"# mmfuse profile '{profile}' for {model}:")
         assert tuning.why and tuning.why.split()[0] in text  # the reason is written beside the settings
         assert config.instance_group[0].count == tuning.count
         assert list(config.dynamic_batching.preferred_batch_size) == list(tuning.preferred)
@@ -92,13 +93,8 @@ def test_generated_repository(tmp_path, profile):
 @pytest.mark.parametrize("profile", sorted(bench.PROFILES))
 def test_profile_parameters_are_known_to_the_handlers(open_clip_tiny, profile):
     """Every parameter a profile sets is read by its handler (a typo would fail the model's load)."""
-    from mmfuse.serving.encoders import ImageEncoder, TextEncoder
-    from mmfuse.serving.image_preprocess import ImagePreprocessor
-    from mmfuse.serving.openclip_models import ClipSpec
-    from mmfuse.serving.text_preprocess import TextPreprocessor
+    from mmfuse.serving.handler import resolve
 
-    factories = {"image_preprocess": ImagePreprocessor, "text_preprocess": TextPreprocessor,
-                 "image_encoder": ImageEncoder, "text_encoder": TextEncoder}
     for model, tuning in bench.PROFILES[profile].items():
         raw = {"model_name": TINY, "pretrained": "", **tuning.params}
         if model.endswith("encoder"):
@@ -106,15 +102,10 @@ def test_profile_parameters_are_known_to_the_handlers(open_clip_tiny, profile):
         params = Params(model, raw)
         kind = "GPU" if tuning.kind == "KIND_GPU" else "CPU"
         context = ModelContext(model, model_dir=None, instance_kind=kind)
-        if kind == "GPU":
-            # No GPU here: parse what the GPU instance would parse, without building the model on a device.
-            ClipSpec.from_params(params, context)
-            params.int("torch_threads", 0, minimum=0)
-            params.bool("trim_text_tokens", True)
-        else:
-            handler = factories[model].from_parameters(context, params)
-            getattr(handler, "close", lambda: None)()
+        config = resolve(model).parse(context, params)  # the handler's own parsing; builds nothing
         params.reject_unknown()
+        if kind == "CPU":  # no GPU here: a GPU instance's config is parsed, not built
+            resolve(model).build(context, config).close()
 
 
 def test_cpu_profile_serves_bf16_single_threaded():

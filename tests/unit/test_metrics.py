@@ -235,7 +235,7 @@ def fusion_args() -> dict[str, str]:
     from google.protobuf import json_format
 
     from mmfuse.repository import load_config
-    from mmfuse.server import DEFAULT_MODEL_REPOSITORY
+    from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
     config = json_format.MessageToDict(load_config(DEFAULT_MODEL_REPOSITORY, "fusion"), preserving_proto_field_name=True)
     # plain late fusion (the requests below carry embeddings only, no token sequences)

@@ -11,7 +11,7 @@ import pytest
 
 from mmfuse import reconfigure as rc
 from mmfuse.repository import copy_repository, load_config, models, save_config
-from mmfuse.server import DEFAULT_MODEL_REPOSITORY as REPO
+from tests.paths import SHIPPED_REPOSITORY as REPO
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import load_config, parameters
-from mmfuse.server import DEFAULT_MODEL_REPOSITORY as REPO
+from tests.paths import SHIPPED_REPOSITORY as REPO
 from mmfuse.serving.errors import ConfigError, InvalidInputError
 from mmfuse.serving.params import ModelContext, Params
 from mmfuse.serving.tabular import TabularConfig, TabularEncoder
