@@ -37,7 +37,7 @@ import numpy as np
 from .errors import ConfigError
 from .handler import Handler, InputSpec
 from .image_preprocess import ImagePreprocessConfig, ImagePreprocessor
-from .openclip_models import ClipSpec, load_clip, torch_dtype
+from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, ClipSpec, load_clip, torch_dtype
 from .params import ModelContext, Params
 
 
@@ -204,6 +204,17 @@ class ImageEncoder(Handler):
 
     name = "image_encoder"
     metrics_labels = ("image", "encode")
+    parameters = {
+        **CLIP_PARAMETERS,
+        "engine": "torch, or openvino: the same open_clip tower traced and compiled by OpenVINO's CPU plugin at "
+                  "load (fp32 or bf16, KIND_CPU only)",
+        "torch_threads": "intra-op threads per instance (0: torch's default); with engine openvino, its inference "
+                         "threads",
+        "decode_images": "true: the encoder takes IMAGE (encoded bytes), decodes as image_preprocess would (its "
+                         "parameters below apply) and answers VALID and STATUS too: one process instead of two",
+        **{k: v for k, v in ImagePreprocessor.parameters.items() if k not in CLIP_PARAMETERS},
+    }
+    doc_examples = (CLIP_DOC_EXAMPLE, {**CLIP_DOC_EXAMPLE, "decode_images": "true"})
 
     def __init__(self, spec: ClipSpec, device: str = "cpu", engine: str = "torch", threads: int = 0):
         _check_engine(engine, device)
@@ -317,6 +328,15 @@ class TextEncoder(Handler):
 
     name = "text_encoder"
     metrics_labels = ("text", "encode")
+    parameters = {
+        **CLIP_PARAMETERS,
+        "engine": "torch, or openvino: one traced graph for every trimmed length (KIND_CPU only)",
+        "torch_threads": "intra-op threads per instance (0: torch's default); with engine openvino, its inference "
+                         "threads",
+        "trim_text_tokens": "run the transformer only up to the longest real caption of the batch (exact under the "
+                            "causal mask)",
+    }
+    doc_examples = (CLIP_DOC_EXAMPLE,)
 
     def __init__(self, spec: ClipSpec, device: str = "cpu", trim: bool = True, engine: str = "torch",
                  threads: int = 0):

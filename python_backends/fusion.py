@@ -153,6 +153,19 @@ class FusionHandler(Handler):
 
     name = "fusion"
     metrics_labels = ("all", "fusion")
+    parameters = {
+        "strategy": "late (masked weighted mean, or a trained head), early, hybrid, attention",
+        "modalities": "comma-separated modality names, in MODALITY_MASK order; input tensors are <M>_EMBEDDING, "
+                      "<M>_VALID, <M>_STATUS, <M>_SEQUENCE, <M>_SEQUENCE_MASK",
+        "weights": "late without a head: one non-negative weight per modality",
+        "normalize": "late without a head: L2-normalise FUSED",
+        "head_dir": "a trained head (mmfuse train): folder with fusion_head.json and fusion_head.safetensors, "
+                    "relative to the served version folder (\".\" = that folder)",
+        "allow_random_init": "learned strategies without a head get seeded random weights (tests only)",
+        "seed": "seed of that random init",
+        "strategy_options": "JSON hyper-parameters of a random-init strategy (must include embed_dim)",
+        "torch_threads": "intra-op threads of this model's process (0: torch's default)",
+    }
 
     def __init__(self, config: FusionConfig, model_name: str = "fusion"):
         self.config = config

@@ -62,6 +62,11 @@ class Handler(ABC):
     name: ClassVar[str]
     #: (modality, stage) of the per-modality metrics: ("image", "encode"), ("all", "fusion") ...
     metrics_labels: ClassVar[tuple[str, str]]
+    #: Every ``parameters {}`` key ``parse`` reads -> what it means (docs/configuration.md is generated from
+    #: these and from the parsing itself: types, defaults, ranges and choices are recorded, not written twice).
+    parameters: ClassVar[Mapping[str, str]] = {}
+    #: Parameter sets that parse (no weights needed) and together reach every key, for the generated docs.
+    doc_examples: ClassVar[tuple[Mapping[str, str], ...]] = ({},)
 
     config: Any  # the parsed config this handler was built from
 

@@ -44,7 +44,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .openclip_models import ClipSpec, preprocess_config
+from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, PREPROCESS_CLIP_KEYS, ClipSpec, preprocess_config
 from .params import ModelContext, Params
 from .handler import Handler, InputSpec
 from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
@@ -202,6 +202,16 @@ class ImagePreprocessor(Handler):
 
     name = "image_preprocess"
     metrics_labels = ("image", "preprocess")
+    parameters = {
+        **{k: v for k, v in CLIP_PARAMETERS.items() if k in PREPROCESS_CLIP_KEYS},
+        "max_image_bytes": "encoded size limit per image; over it the row is too_large",
+        "max_image_pixels": "width x height limit, read from the header before decoding (decompression bombs), "
+                            "and the same bound on the image after the resize to the model input; over it: too_large",
+        "decode_threads": "images decoded in parallel per batch (PIL frees the GIL)",
+        "jpeg_draft": "true: decode JPEGs at a reduced size (libjpeg's DCT scaling, never below the resize target) "
+                      "before open_clip's resize: faster for large photos, pixels no longer exactly open_clip's",
+    }
+    doc_examples = (CLIP_DOC_EXAMPLE,)
 
     def __init__(self, spec: ClipSpec, limits: ImageLimits = ImageLimits(), decode_threads: int = 2,
                  jpeg_draft: bool = False, fast_tail: bool = True):

@@ -26,6 +26,25 @@ from .errors import ConfigError, WeightsError
 from .params import ModelContext, Params
 
 SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+
+#: The parameters every open_clip model reads (the preprocessors only the first four).
+CLIP_PARAMETERS = {
+    "model_name": "open_clip architecture: ViT-B-32, ViT-L-14, ... or mmfuse-tiny / mmfuse-demo shipped here; the "
+                  "four open_clip models of a repository must agree",
+    "model_config_file": "a JSON open_clip model config to register, relative to the model folder; its optional "
+                         "\"pretrained\" object names tags of that model: {\"TAG\": {\"hf_hub\": \"org/repo/\"}}",
+    "pretrained": "weights: an open_clip pretrained tag (laion2b_s34b_b79k, openai, ...) or a checkpoint file "
+                  "relative to the model folder (.safetensors; .pt/.pth/.bin loaded with weights_only=True)",
+    "cache_dir": "where open_clip looks for (and downloads) a pretrained tag's weights; default the Hugging Face cache",
+    "allow_random_init": "true: no weights is allowed and the model gets seeded random weights (tests, benchmarks); "
+                         "false: no weights is a load error",
+    "seed": "seed of the random init: same seed, same weights in every process",
+    "precision": "compute precision of the tower: fp32, bf16 (CPUs with bf16 units, GPUs), fp16 (KIND_GPU only)",
+}
+#: The ones the preprocessors read (they need the model's transform or tokenizer, not its weights).
+PREPROCESS_CLIP_KEYS = ("model_name", "model_config_file", "pretrained", "cache_dir")
+#: Parameters that parse for the tiny shipped architecture without weights (the generated docs' examples).
+CLIP_DOC_EXAMPLE = {"model_name": "mmfuse-tiny", "pretrained": "", "allow_random_init": "true"}
 PRECISIONS = ("fp32", "bf16", "fp16")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 

@@ -95,6 +95,15 @@ class TabularEncoder(Handler):
 
     name = "tabular_encoder"
     metrics_labels = ("tabular", "encode")
+    parameters = {
+        "num_features": "F, features per row (equals the FEATURES dims of config.pbtxt)",
+        "embed_dim": "D, size of EMBEDDING (equals the other towers' embed_dim)",
+        "hidden_dim": "width of the hidden layer; 0: a single affine map",
+        "seed": "seed of the weights (same seed, same weights in every process)",
+        "feature_mean": "F comma-separated means subtracted first",
+        "feature_scale": "F comma-separated positive scales divided by next",
+    }
+    doc_examples = ({"num_features": "8", "embed_dim": "64"},)
 
     def __init__(self, config: TabularConfig, model_name: str = "tabular_encoder"):
         self.config = config

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .openclip_models import ClipSpec, load_tokenizer
+from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, PREPROCESS_CLIP_KEYS, ClipSpec, load_tokenizer
 from .params import ModelContext, Params
 from .handler import Handler, InputSpec
 from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
@@ -53,6 +53,12 @@ class TextPreprocessor(Handler):
 
     name = "text_preprocess"
     metrics_labels = ("text", "preprocess")
+    parameters = {
+        **{k: v for k, v in CLIP_PARAMETERS.items() if k in PREPROCESS_CLIP_KEYS},
+        "max_text_chars": "longer texts (in characters, not bytes) are masked too_large; shorter ones are tokenized "
+                          "and cut at the model's context length as open_clip cuts them",
+    }
+    doc_examples = (CLIP_DOC_EXAMPLE,)
 
     # AFTER: an optional input that is never read. An ensemble maps another branch's output to it
     # to make the text branch wait for that branch (see fuse_image_text: a Triton 2.51 ensemble
