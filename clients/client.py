@@ -19,8 +19,8 @@ overloaded server's UNAVAILABLE reaches the caller at once; ``retries=N`` retrie
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class MMFuseClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "MMFuseClient":
+    def __enter__(self) -> MMFuseClient:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -2,11 +2,7 @@
 """Every generated ensemble client, by ensemble name."""
 from __future__ import annotations
 
-from . import embed_image
-from . import embed_text
-from . import fuse_embeddings
-from . import fuse_image_text
-from . import fuse_image_text_tabular
+from . import embed_image, embed_text, fuse_embeddings, fuse_image_text, fuse_image_text_tabular
 
 MODULES = {
     "embed_image": embed_image,

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from mmfuse.clients._runtime import ArrayInput, AsyncEnsembleClient, BytesInput, EnsembleClient, EnsembleSpec, TensorSpec
+from mmfuse.clients._runtime import (
+    ArrayInput,
+    AsyncEnsembleClient,
+    BytesInput,
+    EnsembleClient,
+    EnsembleSpec,
+    TensorSpec,
+)
 
 SPEC = EnsembleSpec(
     name="fuse_image_text_tabular",

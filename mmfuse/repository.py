@@ -6,8 +6,8 @@ parse here would not load in tritonserver either.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
@@ -201,7 +201,7 @@ def set_parameters(repository: Path, model: str, values: Mapping[str, str]) -> N
     for key, value in values.items():
         pattern = re.compile(_PARAMETER.format(key=re.escape(key)))
         if len(pattern.findall(text)) == 1:
-            text = pattern.sub(lambda m: m.group(1) + json.dumps(str(value)), text)
+            text = pattern.sub(lambda m, value=value: m.group(1) + json.dumps(str(value)), text)
         else:
             missing[key] = value
     path.write_text(text)

@@ -57,9 +57,9 @@ def init_repository(target: Path, model: str, pretrained: str, profile: str = "b
     architecture open_clip does not ship (copied too). ``strategy``: ``late`` (no head) or any strategy of
     ``mmfuse.serving.fusion`` with ``allow_random_init`` (untrained: tests and benchmarks only).
     """
-    from .reconfigure import validate_repository
     from .export import set_fusion_head
     from .profiles import apply_profile, load_profile
+    from .reconfigure import validate_repository
     from .repository import set_parameters, set_sequence_routing
 
     target = Path(target)

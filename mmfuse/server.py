@@ -29,9 +29,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from .paths import DEFAULT_MODEL_REPOSITORY
 
@@ -162,7 +162,7 @@ class ServerConfig:
     extra_args: Sequence[str] = field(default_factory=tuple)
 
     @classmethod
-    def on_free_ports(cls, **kwargs) -> "ServerConfig":
+    def on_free_ports(cls, **kwargs) -> ServerConfig:
         """Free ports on the loopback interface only (tests, demo, benchmarks)."""
         kwargs.setdefault("host", "127.0.0.1")
         return cls(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), **kwargs)
@@ -243,7 +243,7 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         install = find_triton()
         cmd = self.config.command(install)
         if self.log_path is not None:
@@ -293,7 +293,7 @@ class TritonServer:
             self._log_file = None
         return self.process.returncode
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         try:
             self.wait_ready()
@@ -319,7 +319,7 @@ class StubWatchdog(threading.Thread):
     server that cannot answer.
     """
 
-    def __init__(self, server: "TritonServer", interval: float = 2.0):
+    def __init__(self, server: TritonServer, interval: float = 2.0):
         super().__init__(name="mmfuse-stub-watchdog", daemon=True)
         self.server = server
         self.interval = interval

@@ -9,8 +9,9 @@ pull in tritonclient, torch or anything of the client or tools extras.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from enum import Enum
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -32,16 +32,17 @@ torch_threads      intra-op threads of this model's process (default 0: torch's 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-from .errors import ConfigError, InvalidInputError
-from .params import ModelContext, Params
-from .handler import Handler, InputSpec
 from mmfuse.wire import MISSING, NON_FINITE, OK, column_bytes, status_matrix
+
+from .errors import ConfigError, InvalidInputError
+from .handler import Handler, InputSpec
+from .params import ModelContext, Params
 
 _EPS = 1e-12
 
@@ -85,7 +86,7 @@ class FusionConfig:
     STRATEGIES = ("late", "early", "hybrid", "attention")
 
     @classmethod
-    def from_params(cls, params: Params, context: ModelContext | None = None) -> "FusionConfig":
+    def from_params(cls, params: Params, context: ModelContext | None = None) -> FusionConfig:
         strategy = params.choice("strategy", "late", cls.STRATEGIES)
         modalities = tuple(m.upper() for m in params.list("modalities", ("image", "text")))
         if len(set(modalities)) != len(modalities):
@@ -199,7 +200,7 @@ class FusionHandler(Handler):
         return ("SCORE",)  # known for sure only once the head is loaded: see ``optional_outputs``
 
     @classmethod
-    def build(cls, context: ModelContext, config: FusionConfig) -> "FusionHandler":
+    def build(cls, context: ModelContext, config: FusionConfig) -> FusionHandler:
         if config.torch_threads:  # measured: the attention head on 2 threads beside the encoders ran 7-90x slower
             import torch
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -94,11 +95,11 @@ class Handler(ABC):
     # -- serving --------------------------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def build(cls, context: ModelContext, config: Any) -> "Handler":
+    def build(cls, context: ModelContext, config: Any) -> Handler:
         """Load weights and build the handler."""
 
     @classmethod
-    def from_parameters(cls, context: ModelContext, params: Params) -> "Handler":
+    def from_parameters(cls, context: ModelContext, params: Params) -> Handler:
         return cls.build(context, cls.parse(context, params))
 
     @property
@@ -113,7 +114,7 @@ class Handler(ABC):
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         """Rows of every input, concatenated over the dynamic batch -> outputs with the same row count."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: most handlers hold nothing to release
         """Release threads and memory; called once when Triton unloads the model."""
 
 

@@ -38,16 +38,17 @@ import io
 import math
 import struct
 import warnings
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import numpy as np
 
+from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
+
+from .handler import Handler, InputSpec
 from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, PREPROCESS_CLIP_KEYS, ClipSpec, preprocess_config
 from .params import ModelContext, Params
-from .handler import Handler, InputSpec
-from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -247,7 +248,7 @@ class ImagePreprocessor(Handler):
         return ("PIXELS", "VALID", "STATUS")
 
     @classmethod
-    def build(cls, context: ModelContext, config: ImagePreprocessConfig) -> "ImagePreprocessor":
+    def build(cls, context: ModelContext, config: ImagePreprocessConfig) -> ImagePreprocessor:
         return cls(config.spec, config.limits, config.decode_threads, config.jpeg_draft)
 
     def decode(self, data: bytes):

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -137,7 +138,7 @@ class ModelMetrics:
                 self._families[name] = self.pb.MetricFamily(name=name, description=description, kind=kind_value)
 
     @classmethod
-    def create(cls, pb: Any, model_name: str, handler: Any) -> "ModelMetrics | NullMetrics":
+    def create(cls, pb: Any, model_name: str, handler: Any) -> ModelMetrics | NullMetrics:
         if getattr(pb, "MetricFamily", None) is None:
             return NullMetrics()
         modality, stage = describe(model_name, handler)

@@ -96,7 +96,7 @@ class ClipSpec:
     model_config_file: Path | None = None
 
     @classmethod
-    def from_params(cls, params: Params, context: ModelContext | None = None, *, weights: bool = True) -> "ClipSpec":
+    def from_params(cls, params: Params, context: ModelContext | None = None, *, weights: bool = True) -> ClipSpec:
         base = context.model_dir if context is not None else Path.cwd()
         config_file = params.str("model_config_file", "")
         spec = cls(

@@ -8,9 +8,10 @@ instead of being ignored.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from .errors import ConfigError
 
@@ -36,7 +37,7 @@ class ModelContext:
     version: int = 1
 
     @classmethod
-    def from_triton_args(cls, args: Mapping[str, str]) -> "ModelContext":
+    def from_triton_args(cls, args: Mapping[str, str]) -> ModelContext:
         kind = str(args.get("model_instance_kind", "CPU")).upper().replace("KIND_", "")
         repo = Path(args.get("model_repository", "."))
         name = args.get("model_name", repo.name)
@@ -85,7 +86,7 @@ class Params:
         self._read: set[str] = set()
 
     @classmethod
-    def from_model_config(cls, model_name: str, model_config: Mapping[str, Any] | str) -> "Params":
+    def from_model_config(cls, model_name: str, model_config: Mapping[str, Any] | str) -> Params:
         if isinstance(model_config, str):
             model_config = json.loads(model_config)
         return cls(model_name, parameters_from_config(model_config))

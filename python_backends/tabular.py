@@ -24,15 +24,16 @@ feature_scale   F comma-separated positive scales divided by next (default all 1
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
-from .errors import ConfigError, InvalidInputError
-from .params import ModelContext, Params
-from .handler import Handler, InputSpec
 from mmfuse.wire import MISSING, OK, UNDECODABLE, status_column
+
+from .errors import ConfigError, InvalidInputError
+from .handler import Handler, InputSpec
+from .params import ModelContext, Params
 
 _EPS = 1e-12
 
@@ -47,7 +48,7 @@ class TabularConfig:
     feature_scale: tuple[float, ...] = ()
 
     @classmethod
-    def from_params(cls, params: Params) -> "TabularConfig":
+    def from_params(cls, params: Params) -> TabularConfig:
         num_features = params.int("num_features", minimum=1)
         config = cls(
             num_features=num_features,
@@ -125,7 +126,7 @@ class TabularEncoder(Handler):
         return ("EMBEDDING", "VALID", "STATUS")
 
     @classmethod
-    def build(cls, context: ModelContext, config: TabularConfig) -> "TabularEncoder":
+    def build(cls, context: ModelContext, config: TabularConfig) -> TabularEncoder:
         return cls(config, context.model_name)
 
     def encode(self, features: np.ndarray) -> np.ndarray:

@@ -15,15 +15,16 @@ with, once it holds ``MAX_TOKENIZER_CACHE`` entries.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
+from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
+
+from .handler import Handler, InputSpec
 from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, PREPROCESS_CLIP_KEYS, ClipSpec, load_tokenizer
 from .params import ModelContext, Params
-from .handler import Handler, InputSpec
-from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
 
 DEFAULT_MAX_TEXT_CHARS = 4096
 MAX_TOKENIZER_CACHE = 100_000  # entries (~16 MB)
@@ -89,7 +90,7 @@ class TextPreprocessor(Handler):
         return ("TOKENS", "VALID", "STATUS")
 
     @classmethod
-    def build(cls, context: ModelContext, config: TextPreprocessConfig) -> "TextPreprocessor":
+    def build(cls, context: ModelContext, config: TextPreprocessConfig) -> TextPreprocessor:
         return cls(config.spec, config.max_text_chars)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:

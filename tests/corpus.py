@@ -24,9 +24,9 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Sequence
+from functools import cache
 
 import numpy as np
 
@@ -222,7 +222,7 @@ def eps_document() -> bytes:
             b"%%EndComments\n/Helvetica findfont 4 scalefont setfont 0 0 moveto (x) show\nshowpage\n%%EOF\n")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _random_bytes(size: int, seed: int) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
 

@@ -56,9 +56,10 @@ def update_readme(path: Path, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from mmfuse.serving.strategies import load_head
+
     from .. import training
     from ..repository import load_config, parameters
-    from mmfuse.serving.strategies import load_head
 
     repo = Path(args.repository)
     enc = parameters(load_config(repo, "image_encoder"))
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = training.TrainConfig(preset=preset, model_name=enc["model_name"], steps=args.steps, seed=args.seed,
                                    eval_every=0)
         bar = tqdm(total=cfg.steps, desc=f"train {preset} head", unit="step", dynamic_ncols=True)
-        heads[preset] = training.train_head(cfg, clip, lambda step, losses: bar.update(1))
+        heads[preset] = training.train_head(cfg, clip, lambda step, losses, bar=bar: bar.update(1))
         bar.close()
     print(f"evaluating {len(heads)} strategies on {args.per_kind} fresh examples per kind ...")
     results = training.full_evaluation(clip, heads, enc["model_name"], seed=args.seed + 999_000,

@@ -5,7 +5,6 @@ import argparse
 import asyncio
 import sys
 from collections import Counter
-from pathlib import Path
 
 from ._client_args import add_connection_args, client_options
 from ._io import InputError, RowWriter, check_output, decode, image_files, text_rows

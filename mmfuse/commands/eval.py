@@ -50,7 +50,8 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..eval.runner import EvalConfig, run as run_eval
+    from ..eval.runner import EvalConfig
+    from ..eval.runner import run as run_eval
 
     values = {"out": Path(args.out), "url": args.url, "repository": Path(args.model_repository),
               "heads": [Path(h) for h in args.heads], "seed": args.seed,

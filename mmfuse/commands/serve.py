@@ -11,7 +11,8 @@ from ..server import ServerConfig, ServerError, TLSConfig, serve_foreground
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="run tritonserver on the model repository (foreground; SIGTERM stops it)")
-    p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY),
+                   help="the model repository (default ./model_repository; `mmfuse init DIR` writes one)")
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--metrics-port", type=int, default=8002)
@@ -33,7 +34,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     repo = Path(args.model_repository)
     if not repo.is_dir():
-        print(f"mmfuse serve: model repository {repo} is not a directory", file=sys.stderr)
+        print(f"mmfuse serve: model repository {repo} is not a directory: pass --model-repository DIR, or write one "
+              "with `mmfuse init DIR --model NAME --pretrained TAG_OR_FILE`", file=sys.stderr)
         return 2
     tls = None
     if args.tls_cert or args.tls_key:

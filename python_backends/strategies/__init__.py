@@ -19,4 +19,4 @@ attention  Flamingo-style: text tokens query image tokens through tanh-gated cro
 """
 from __future__ import annotations
 
-from .base import FusionBatch, FusionOutput, FusionStrategy, build, load_head, save_head, STRATEGIES  # noqa: F401
+from .base import STRATEGIES, FusionBatch, FusionOutput, FusionStrategy, build, load_head, save_head  # noqa: F401

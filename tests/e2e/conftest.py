@@ -133,3 +133,12 @@ def reference(checkpoint) -> Reference:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@pytest.fixture(scope="module")
+def images(photos):
+    """Three real photographs as JPEG, PNG and WebP bytes."""
+    from tests.conftest import encode
+
+    return [encode(photos["astronaut"], "JPEG", quality=90), encode(photos["coffee"], "PNG"),
+            encode(photos["chelsea"], "WEBP", quality=90)]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mmfuse.server import is_ready
-from tests.corpus import POISONS_TRITON_2_51, OK, all_request_cases, clean_jpeg, clean_png, kinds, row_cases
+from tests.corpus import OK, POISONS_TRITON_2_51, all_request_cases, clean_jpeg, clean_png, kinds, row_cases
 from tests.e2e import process_info
 from tests.e2e.conftest import MAX_IMAGE_BYTES, MAX_TEXT_CHARS, cosine
 from tests.e2e.wire import Wire, statuses

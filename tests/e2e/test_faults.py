@@ -191,7 +191,7 @@ class Load:
                     outcome = f"{error.code().name}: {error.details()}"
                 self.calls.append((started, time.monotonic(), outcome))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self._threads:
             thread.start()
         return self

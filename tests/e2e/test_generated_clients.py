@@ -14,18 +14,11 @@ from mmfuse.clients.embed_text import AsyncEmbedTextClient, EmbedTextClient, Emb
 from mmfuse.clients.ensembles import ASYNC_CLIENTS, CLIENTS, MODULES
 from mmfuse.clients.fuse_image_text import AsyncFuseImageTextClient, FuseImageTextClient
 from mmfuse.wire import decode_statuses
-from tests.conftest import encode
 from tests.e2e.conftest import cosine
 
 pytestmark = pytest.mark.e2e
 
 CAPTIONS = ["an astronaut in a white suit", "a cup of coffee on a saucer", "a cat"]
-
-
-@pytest.fixture(scope="module")
-def images(photos):
-    return [encode(photos["astronaut"], "JPEG", quality=90), encode(photos["coffee"], "PNG"),
-            encode(photos["chelsea"], "WEBP", quality=90)]
 
 
 def rows_for(module, n: int, images: list[bytes]) -> dict:

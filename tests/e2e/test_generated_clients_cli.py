@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mmfuse.cli import main as mmfuse
 from mmfuse.clients.embed_image import EmbedImageClient
 from mmfuse.clients.embed_text import EmbedTextClient
 from mmfuse.clients.ensembles import CLIENTS
 from mmfuse.clients.fuse_image_text import FuseImageTextClient
-from mmfuse.cli import main as mmfuse
 from tests.conftest import encode
 
 pytestmark = pytest.mark.e2e

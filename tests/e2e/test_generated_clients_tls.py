@@ -13,12 +13,11 @@ import pytest
 
 from mmfuse.clients import ClientOptions, ServerUnavailable, TLSOptions
 from mmfuse.clients.ensembles import CLIENTS
-from mmfuse import codegen
 from mmfuse.repository import copy_repository
 from mmfuse.server import TLSConfig
 from mmfuse.tls import make_certificates
 from tests.e2e.conftest import start_server
-from tests.e2e.test_generated_clients import assert_matches_spec, assert_same, images, rows_for  # noqa: F401
+from tests.e2e.test_generated_clients import assert_matches_spec, assert_same, rows_for
 from tests.unit.test_codegen import CLIENTS as CLIENTS_DIR
 from tests.unit.test_codegen import add_new_ensemble, import_package
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import copy_repository, load_config, save_config
-from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 from tests.conftest import encode
 from tests.e2e.conftest import start_server
+from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
 pytestmark = pytest.mark.e2e
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import copy_repository, load_config, parameters, save_config, set_parameters
-from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 from tests.conftest import encode
 from tests.e2e.conftest import cosine, start_server
+from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 

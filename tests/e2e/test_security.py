@@ -13,10 +13,10 @@ import pytest
 
 from mmfuse.repository import copy_repository, set_parameters
 from mmfuse.server import ServerError
-from tests.paths import REPO_ROOT
 from tests.corpus import clean_jpeg
 from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire, statuses
+from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

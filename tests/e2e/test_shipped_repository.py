@@ -16,9 +16,9 @@ import pytest
 
 from mmfuse import shapes
 from mmfuse.repository import load_config, parameters
-from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 from tests.conftest import encode
 from tests.e2e.conftest import cosine, start_server
+from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
 pytestmark = pytest.mark.e2e
 

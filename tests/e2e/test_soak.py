@@ -25,11 +25,11 @@ import grpc
 import numpy as np
 import pytest
 
-from tests.corpus import bytes_tensor, clean_jpeg, clean_png, _encode, _image
+from tests.corpus import _encode, _image, bytes_tensor, clean_jpeg, clean_png
 from tests.e2e import process_info
 from tests.e2e.wire import Wire, statuses
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SOAK_SECONDS = float(os.environ.get("MMFUSE_SOAK_SECONDS", "15"))
 WARMUP_SECONDS = min(5.0, max(2.0, SOAK_SECONDS / 5))

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from mmfuse.server import TLSConfig
-from tests.paths import REPO_ROOT
 from mmfuse.tls import make_certificates
 from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire
+from tests.paths import REPO_ROOT
 
 pytestmark = pytest.mark.e2e
 

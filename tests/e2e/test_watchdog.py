@@ -13,7 +13,7 @@ from mmfuse import processes
 from mmfuse.server import free_port, is_ready
 from tests.e2e.conftest import tiny_repository
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def _wait(predicate, timeout: float, what: str):

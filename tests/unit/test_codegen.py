@@ -218,7 +218,7 @@ ensemble_scheduling { step [ { model_name: "m" model_version: -1 input_map { key
     from_spec = {t.name: (t.datatype, t.dims, t.optional) for t in module.SPEC.inputs}
     assert from_spec == {"x.in": ("FP16", (2, -1), False), "class": ("BF16", (3,), True), "N": ("UINT8", (1,), False)}
     # Unbatched: shapes are exactly the dims (-1 matches any size); dtypes are cast only when safe.
-    runtime = sys.modules[f"{out.name}._runtime"]
+    import mmfuse.clients._runtime as runtime  # generated modules use the installed runtime, wherever they live
     arrays, n = runtime.encode_inputs(module.SPEC, {"x.in": np.ones((2, 5)), "N": [7]})
     assert n == 0 and arrays["x.in"].dtype == np.float16 and arrays["N"].dtype == np.uint8
     assert "class" not in arrays, "an omitted optional input is not sent"

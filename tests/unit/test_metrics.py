@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from mmfuse.serving import metrics as m
+from mmfuse.serving.adapter import TritonAdapter
 from mmfuse.serving.fusion import FusionHandler
 from mmfuse.serving.params import ModelContext, Params
-from mmfuse.serving.adapter import TritonAdapter
-from mmfuse.wire import status_column, status_matrix
 from mmfuse.serving.tabular import TabularEncoder
+from mmfuse.wire import status_column, status_matrix
 
 
 class FakeMetric:
-    def __init__(self, family: "FakeMetricFamily", labels: dict[str, str], buckets=None):
+    def __init__(self, family: FakeMetricFamily, labels: dict[str, str], buckets=None):
         if not isinstance(labels, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
             raise TypeError("labels must be a dict of str to str")
         if (family.kind == FakeMetricFamily.HISTOGRAM) != (buckets is not None):
@@ -48,7 +48,7 @@ class FakeMetric:
 
 class FakeMetricFamily:
     COUNTER, GAUGE, HISTOGRAM = 0, 1, 2
-    registry: dict[str, "FakeMetricFamily"] = {}
+    registry: dict[str, FakeMetricFamily] = {}
 
     def __init__(self, name: str, description: str, kind: int):
         if name in FakeMetricFamily.registry:

@@ -202,8 +202,9 @@ def test_affected_ensembles(shipped):
 
 
 def test_probe_inputs_are_valid_for_every_modality(shipped):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     arrays = rc.probe_inputs(shipped["fuse_image_text_tabular"])
     assert set(arrays) == {"IMAGE", "TEXT", "FEATURES"}

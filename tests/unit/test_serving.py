@@ -6,19 +6,26 @@ errors carried as TritonError(message, code) with the codes as class attributes.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import pytest
 
+from mmfuse.serving.adapter import TritonAdapter
 from mmfuse.serving.errors import ConfigError, InvalidInputError
 from mmfuse.serving.fusion import FusionHandler, late_fusion
-from mmfuse.serving.adapter import TritonAdapter
 from mmfuse.serving.handler import InputSpec
 from mmfuse.serving.text_preprocess import TextPreprocessor
 from tests.unit.conftest import (
-    SHIPPED_MODEL, TINY, assert_names, late_fusion_config, bytes_column, decode_column, load_model_config, triton_args, with_parameters,
+    SHIPPED_MODEL,
+    assert_names,
+    bytes_column,
+    decode_column,
+    late_fusion_config,
+    load_model_config,
+    triton_args,
+    with_parameters,
 )
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from mmfuse.repository import load_config, parameters
-from tests.paths import SHIPPED_REPOSITORY as REPO
 from mmfuse.serving.errors import ConfigError, InvalidInputError
 from mmfuse.serving.params import ModelContext, Params
 from mmfuse.serving.tabular import TabularConfig, TabularEncoder
+from tests.paths import SHIPPED_REPOSITORY as REPO
 
 CONTEXT = ModelContext("tabular_encoder", model_dir=REPO / "tabular_encoder")
 
