@@ -5,7 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..codegen import DEFAULT_OUT, CodegenError, sync
 from ..paths import DEFAULT_MODEL_REPOSITORY
 
 
@@ -13,13 +12,15 @@ def register(sub) -> None:
     p = sub.add_parser("gen-clients", help="write a typed Python client per ensemble of the model repository "
                                            "into clients/ (--check: fail if they are stale)")
     p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="the clients package folder (default: clients/)")
+    p.add_argument("--out", default="clients", help="the clients package folder (default: ./clients)")
     p.add_argument("--check", action="store_true",
                    help="write nothing; exit 1 and show the differences if the generated files are stale")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..codegen import CodegenError, sync
+
     repo, out = Path(args.model_repository), Path(args.out)
     if not repo.is_dir():
         print(f"mmfuse gen-clients: model repository {repo} is not a directory", file=sys.stderr)
