@@ -1,7 +1,7 @@
 """mmfuse train: train a fusion head on the shapes benchmark and export it into the model repository.
 
-    mmfuse train --strategy attention --from-scratch      # the demo: tiny encoders + head from scratch
-    mmfuse train --strategy late-gmu                      # a head on the repository's frozen encoders
+    mmfuse train --strategy attention --from-scratch --repository R   # the demo: tiny encoders + head from scratch
+    mmfuse train --strategy late-gmu --repository R                   # a head on R's frozen encoders
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--init-checkpoint", help="--from-scratch: start the encoders from this checkpoint")
     p.add_argument("--option", action="append", default=[], metavar="KEY=JSON",
                    help="strategy hyper-parameter override, e.g. --option layers=3 (repeatable)")
-    p.add_argument("--repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--repository", help="the model repository whose encoders are used and into which the head is "
+                                        "exported (a new fusion version folder); required unless --no-export")
     p.add_argument("--fusion-model", default="fusion", help="fusion model folder that receives the new version")
     p.add_argument("--no-export", action="store_true", help="train and evaluate only")
     p.set_defaults(func=run)
@@ -80,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
     from ..export import export_encoders, export_head
     from ..repository import load_config, parameters
 
-    repo = Path(args.repository)
+    if not args.repository and not args.no_export:
+        print("mmfuse train: give --repository DIR (the repository to train on and export into) or --no-export",
+              file=sys.stderr)
+        return 2
+    repo = Path(args.repository or DEFAULT_MODEL_REPOSITORY)
     cfg = training.TrainConfig(
         preset=args.strategy, model_name=args.model_name, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, modality_dropout=args.modality_dropout,
