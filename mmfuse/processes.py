@@ -1,11 +1,17 @@
-"""What a running tritonserver's processes look like, read from /proc (Linux): used by the stub watchdog and the tests.
+"""Everything mmfuse reads from /proc (Linux), in one place: a running tritonserver's processes (the stub
+watchdog, the tests), their memory and CPU time (``mmfuse bench``, ``mmfuse eval``), the pid listening on a
+port, and the machine's CPU and memory.
 
 Each Python-backend model instance runs in its own ``triton_python_backend_stub`` child process of
 tritonserver; its command line ends with ``<instance name> <kind>``, e.g. ``text_encoder_0_0 DEFAULT``.
 A stub that died and was not reaped shows up as a zombie child with an empty command line.
+
+Every reader tolerates processes that end while it reads (their figures count as 0, or the reader
+returns None where a partial sum would mislead).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +40,19 @@ def children(pid: int) -> list[int]:
     for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
         try:
             out += [int(p) for p in (task / "children").read_text().split()]
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:  # the thread or the process ended
             continue
     return sorted(set(out))
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (tritonserver and its python-backend stubs)."""
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children(p))
+    return out
 
 
 def state(pid: int) -> str:
@@ -66,15 +82,106 @@ def zombies(server_pid: int) -> list[int]:
     return [pid for pid in children(server_pid) if state(pid) == "Z"]
 
 
+def _kib_field(path: str, key: str) -> int | None:
+    """A ``Key:   N kB`` line of a /proc file, in bytes (None if the file or the line is missing)."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process (VmRSS), 0 if it is gone."""
+    return _kib_field(f"/proc/{pid}/status", "VmRSS:") or 0
+
+
+def tree_rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants (a sum of RSS: shared pages count once per process)."""
+    return sum(rss_bytes(p) for p in tree(pid))
+
+
+def tree_pss_bytes(pid: int) -> int | None:
+    """Proportional set size of a process tree (each shared page split between the processes that map it);
+    None if a process's ``smaps_rollup`` cannot be read."""
+    total = 0
+    for p in tree(pid):
+        pss = _kib_field(f"/proc/{p}/smaps_rollup", "Pss:")
+        if pss is None:
+            return None
+        total += pss
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, 0 if it is gone."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except FileNotFoundError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime after "(comm)"
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its live descendants (tritonserver and its stubs)."""
+    return sum(cpu_seconds(p) for p in tree(pid))
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The pid listening on TCP ``port`` (any local address; only processes whose /proc we may read)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            local, state_, inode = parts[1], parts[3], parts[9]
+            if state_ == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(inode)
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def cpu_model_and_flags() -> tuple[str | None, set[str]]:
+    """The CPU's model name and feature flags from /proc/cpuinfo (None and an empty set where unreadable)."""
+    model, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model is None:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
         pass
-    return 0
+    return model, flags
+
+
+def memory_total_bytes() -> int | None:
+    """The machine's memory (MemTotal)."""
+    return _kib_field("/proc/meminfo", "MemTotal:")
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages, rounded (empty where unavailable)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def memory(server_pid: int) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """mmfuse bench: served throughput and latency against the machine's compute limit, in one run.
 
-The logic lives in mmfuse/bench.py; this module is the command line.
+The logic lives in the mmfuse.bench package; this module is the command line.
 """
 from __future__ import annotations
 

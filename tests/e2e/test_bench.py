@@ -79,7 +79,7 @@ def test_limit_ratios_and_statistics_are_consistent(quick_run):
     for model in ("fuse_image_text", "image_encoder", "text_preprocess", "text_encoder", "fusion"):
         assert models[model]["requests"] > 0, model
     assert "image_preprocess" not in models
-    assert at_load["fusion_ms"] == pytest.approx(models["fusion"]["mean_request_ms"])
+    assert at_load["fusion_ms"] == pytest.approx(models["fusion"]["request_ms"])
     assert 0 < at_load["fusion_share_of_p50"] < 1
     # Late fusion, served as a late deployment: the encoders' token sequences are not routed to the fusion step.
     assert "SEQUENCE" not in result["configs"]["fuse_image_text"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def test_matmul_rate_is_a_rate():
     peak = bench.machine_peak(quick=True)
     for dtype in ("fp32", "bf16"):
         p = peak[dtype]
-        assert p["peak_gflops"] == max(p["all_threads_gflops"], p["one_thread_gflops"] * (bench.os.cpu_count() or 1))
+        assert p["peak_gflops"] == max(p["all_threads_gflops"], p["one_thread_gflops"] * (os.cpu_count() or 1))
 
 
 def test_inputs_are_deterministic_jpegs():
@@ -124,7 +125,7 @@ def _fake_result() -> dict:
     at_load = {"load_fraction": 0.7, "items_per_s_offered": 35.0, "requests": 500, "p50_ms": 100.0, "p95_ms": 120.0, "p99_ms": 140.0,
                "p99_over_p50": 1.4, "fusion_ms": 1.0, "fusion_share_of_p50": 0.01,
                "models": {"fusion": {"requests": 10, "queue_ms": 0.1, "compute_input_ms": 0.1, "compute_infer_ms": 0.5,
-                                     "compute_output_ms": 0.1, "mean_batch_rows": 4.0}}}
+                                     "compute_output_ms": 0.1, "compute_ms": 0.7, "mean_batch_rows": 4.0}}}
     return {
         "options": {"model": "ViT-B-32", "profile": "cpu", "plan": {"concurrency": 8, "rows": 4, "duration_s": 20,
                                                                    "warmup_s": 5}},
@@ -194,14 +195,21 @@ def test_json_has_no_nan(tmp_path):
 
 
 def test_statistics_delta():
-    before = {"m": {"inference_count": 10, "execution_count": 5, "success_count": 10, "success_ns": 1e7,
-                    "queue_ns": 0, "queue_count": 10, "compute_input_ns": 0, "compute_input_count": 10,
-                    "compute_infer_ns": 0, "compute_infer_count": 10, "compute_output_ns": 0, "compute_output_count": 10}}
-    after = {"m": dict(before["m"], inference_count=30, execution_count=7, success_count=20, success_ns=3e7,
-                       queue_ns=2e7, compute_infer_ns=5e6)}
-    d = bench.statistics_delta(before, after)["m"]
-    assert d["requests"] == 10 and d["mean_request_ms"] == pytest.approx(2.0) and d["queue_ms"] == pytest.approx(2.0)
+    """The bench reports Triton's statistics through mmfuse.triton_stats: milliseconds per request, rows per batch."""
+    from mmfuse import triton_stats
+
+    def snapshot(inferences, executions, requests, success_ns, queue_ns, infer_ns):
+        phases = {"success": (requests, success_ns), "queue": (requests, queue_ns), "compute_input": (requests, 0),
+                  "compute_infer": (requests, infer_ns), "compute_output": (requests, 0)}
+        return {"m": {"inference_count": inferences, "execution_count": executions,
+                      "inference_stats": {k: {"count": c, "ns": ns} for k, (c, ns) in phases.items()}}}
+
+    before = snapshot(10, 5, 10, 1e7, 0, 0)
+    after = snapshot(30, 7, 20, 3e7, 2e7, 5e6)
+    d = triton_stats.delta(before, after)["m"]
+    assert d["requests"] == 10 and d["request_ms"] == pytest.approx(2.0) and d["queue_ms"] == pytest.approx(2.0)
     assert d["compute_infer_ms"] == pytest.approx(0.5) and d["mean_batch_rows"] == pytest.approx(10.0)
+    assert triton_stats.delta(after, after) == {}  # idle models are left out unless named
 
 
 def test_the_ceiling_follows_the_served_engine():

@@ -1,0 +1,226 @@
+"""Served: a real tritonserver on a generated copy of the repository (the model switched, random weights, a
+profile's settings), loaded over loopback gRPC by mmfuse.loadgen, with Triton's statistics (mmfuse.triton_stats)
+around each run."""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import loadgen, triton_stats
+from ..profiles import Tuning, apply_profile, load_profile, profile_names
+from ..wire import bytes_column, infer_inputs
+from .inputs import cosines
+
+BENCH_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder", "fusion",
+                "embed_image", "embed_text", "fuse_image_text")
+OPEN_CLIP_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder")
+ENSEMBLE_OUTPUTS = {
+    "embed_image": ("EMBEDDING", "VALID", "STATUS"),
+    "embed_text": ("EMBEDDING", "VALID", "STATUS"),
+    "fuse_image_text": ("FUSED", "MODALITY_MASK", "MODALITY_STATUS"),
+}
+
+
+# -- profiles (data: mmfuse/profiles/*.json, applied by mmfuse.profiles.apply_profile) ---------------------------
+class _Profiles(Mapping[str, Mapping[str, Tuning]]):
+    """Profile name -> its settings per model, read from mmfuse/profiles/*.json when asked (nothing at import)."""
+
+    def __getitem__(self, name: str) -> Mapping[str, Tuning]:
+        if name not in profile_names():
+            raise KeyError(name)
+        return load_profile(name).models
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(profile_names())
+
+    def __len__(self) -> int:
+        return len(profile_names())
+
+
+PROFILES: Mapping[str, Mapping[str, Tuning]] = _Profiles()
+
+
+def build_repository(target: Path, model_name: str, profile: str, source: Path | None = None,
+                     extra_params: dict[str, dict[str, str]] | None = None) -> Path:
+    """A copy of the models the three ensembles need, switched to ``model_name`` with random weights,
+    late fusion without a head, and the ``profile``'s settings."""
+    from ..export import set_fusion_head
+    from ..paths import DEFAULT_MODEL_REPOSITORY
+    from ..repository import set_parameters, set_sequence_routing
+
+    source = Path(source or DEFAULT_MODEL_REPOSITORY)
+    target.mkdir(parents=True, exist_ok=True)
+    for model in BENCH_MODELS:
+        shutil.copytree(source / model, target / model, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    for model in OPEN_CLIP_MODELS:
+        values = {"model_name": model_name, "pretrained": ""}
+        if model.endswith("encoder"):
+            values.update(allow_random_init="true", seed="0")
+        set_parameters(target, model, values)
+    set_parameters(target, "fusion", {"strategy": "late", "weights": "0.5,0.5", "normalize": "true",
+                                      "allow_random_init": "false"})
+    set_fusion_head(target, "fusion", "late", "", has_head=False)
+    # Late fusion reads the pooled embeddings only: a late deployment does not route the token sequences
+    # (the encoders then skip converting and shipping them); the baseline keeps the shipped routing.
+    set_sequence_routing(target, "fuse_image_text", "fusion", load_profile(profile).route_sequences)
+    apply_profile(target, profile, extra_params=extra_params)
+    return target
+
+
+
+
+def serving_precision(profile: str, device: str = "cpu") -> str:
+    tuning = PROFILES.get(profile, {}).get("image_encoder")
+    if tuning is not None and "precision" in tuning.params:
+        return tuning.params["precision"]
+    return "fp32"
+
+
+def make_requests(ensemble: str, images: Sequence[bytes], captions: Sequence[str], rows: int,
+                  count: int) -> list[dict[str, np.ndarray]]:
+    """``count`` distinct requests of ``rows`` rows each (cycling through the inputs), as input arrays."""
+    requests = []
+    for r in range(count):
+        picks = [(r * rows + i) for i in range(rows)]
+        arrays = {}
+        if ensemble in ("embed_image", "fuse_image_text"):
+            arrays["IMAGE"] = bytes_column([images[i % len(images)] for i in picks])
+        if ensemble in ("embed_text", "fuse_image_text"):
+            arrays["TEXT"] = bytes_column([captions[i % len(captions)] for i in picks])
+        requests.append(arrays)
+    return requests
+
+
+def _latency(result: loadgen.LoadResult) -> dict[str, float]:
+    return {f"{k}_ms": v for k, v in result.percentiles_ms().items()}
+
+
+def closed_loop_run(url: str, ensemble: str, requests, rows: int, concurrency: int, warmup_s: float, duration_s: float,
+                max_requests: int, server_pid: int | None = None) -> dict[str, Any]:
+    """Closed-loop throughput and latency of one ensemble (mmfuse.loadgen), as the bench reports it."""
+    plan = loadgen.LoadPlan(concurrency=concurrency, max_requests=max_requests, max_seconds=duration_s,
+                            warmup_s=warmup_s, timeout_s=120.0)
+    run = loadgen.run_triton(url, ensemble, requests, ENSEMBLE_OUTPUTS[ensemble], plan, server_pid)
+    return {"ensemble": ensemble, "rows_per_request": rows, "concurrency": concurrency, "seconds": run.seconds,
+            "requests": run.completed, "errors": run.error_count,
+            "items_per_s": run.completed * rows / run.seconds if run.seconds else math.nan, **_latency(run),
+            "server_cpu_cores": run.server_cpu_cores}
+
+
+def fixed_rate_run(url: str, ensemble: str, requests, rows: int, rate: float, duration_s: float, warmup_s: float,
+               max_requests: int, server_pid: int | None = None) -> dict[str, Any]:
+    """Requests sent at a constant rate (open loop, mmfuse.loadgen); latency from each request's due time."""
+    plan = loadgen.LoadPlan(rate=rate, max_requests=max_requests, max_seconds=duration_s, warmup_s=warmup_s,
+                            timeout_s=120.0)
+    run = loadgen.run_triton(url, ensemble, requests, ENSEMBLE_OUTPUTS[ensemble], plan, server_pid)
+    return {"ensemble": ensemble, "rows_per_request": rows, "rate_requests_per_s": rate,
+            "items_per_s_offered": rate * rows, "requests": run.completed, "errors": run.error_count,
+            "late_sends": run.late_sends, **_latency(run), "server_cpu_cores": run.server_cpu_cores}
+
+
+def statistics(url: str) -> dict[str, dict]:
+    """Triton's cumulative per-model statistics (``mmfuse.triton_stats.snapshot``) of the server at ``url``."""
+    from tritonclient.grpc import InferenceServerClient
+
+    with InferenceServerClient(url) as client:
+        return triton_stats.snapshot(client)
+
+
+def served_outputs_check(url: str, model_name: str, images: Sequence[bytes], captions: Sequence[str],
+                         precision: str) -> dict[str, float]:
+    """Served embeddings against the in-process fp32 towers on the same seeded weights: min cosine."""
+    import torch
+    from tritonclient.grpc import InferenceServerClient
+
+    from mmfuse.serving.encoders import ImageEncoder, TextEncoder
+    from mmfuse.serving.image_preprocess import ImagePreprocessor
+    from mmfuse.serving.openclip_models import ClipSpec, load_tokenizer
+
+    n = min(4, len(images))
+    with InferenceServerClient(url) as client:
+        def ask(model, name, items):
+            return client.infer(model, infer_inputs({name: bytes_column(items)}))
+        image_emb = ask("embed_image", "IMAGE", images[:n]).as_numpy("EMBEDDING")
+        text_emb = ask("embed_text", "TEXT", captions[:n]).as_numpy("EMBEDDING")
+    torch.set_num_threads(1)
+    spec = ClipSpec(model_name, allow_random_init=True, seed=0)
+    pre = ImagePreprocessor(ClipSpec(model_name), decode_threads=1)
+    pixels = pre({"IMAGE": bytes_column(images[:n])}, frozenset({"PIXELS"}))["PIXELS"]
+    pre.close()
+    ref_image = ImageEncoder(spec)({"PIXELS": pixels}, frozenset({"EMBEDDING"}))["EMBEDDING"]
+    tokens = load_tokenizer(spec)(list(captions[:n])).numpy()
+    ref_text = TextEncoder(spec)({"TOKENS": tokens}, frozenset({"EMBEDDING"}))["EMBEDDING"]
+    return {"served_precision": precision,
+            "image_min_cosine_vs_fp32_in_process": float(cosines(image_emb, ref_image).min()),
+            "text_min_cosine_vs_fp32_in_process": float(cosines(text_emb, ref_text).min())}
+
+
+@dataclass
+class ServedPlan:
+    rows: int = 4
+    concurrency: int = 8
+    warmup_s: float = 5.0
+    duration_s: float = 20.0
+    text_duration_s: float = 8.0
+    load_fraction: float = 0.7
+    max_requests: int = 20_000
+    # p99 from 200 requests is their 2nd-worst and moved 1.15-2.36 between two runs on the same settings: the
+    # fixed-rate window runs until it has this many requests (at most at_load_max_s), so p99 is the 5th-worst.
+    at_load_min_requests: int = 500
+    at_load_max_s: float = 60.0
+
+
+def served(repository: Path, model_name: str, images: Sequence[bytes], captions: Sequence[str], plan: ServedPlan,
+           log_dir: Path, precision: str, ensembles: Sequence[str] = ("embed_image", "embed_text", "fuse_image_text"),
+           fixed_rate: bool = True, check_outputs: bool = True) -> dict[str, Any]:
+    """Start a tritonserver on ``repository``; closed-loop runs of ``ensembles``, then fuse_image_text at
+    ``plan.load_fraction`` of its closed-loop peak; each with the models' statistics over the run."""
+    from ..server import ServerConfig, ServerError, TritonServer
+
+    server = None
+    for attempt in range(3):
+        server = TritonServer(ServerConfig.on_free_ports(model_repository=repository),
+                              log_path=log_dir / f"tritonserver.{attempt}.log")
+        started = time.perf_counter()
+        try:
+            server.__enter__()
+            break
+        except ServerError:
+            if attempt == 2:
+                raise
+    out: dict[str, Any] = {"startup_s": time.perf_counter() - started}
+    url, pid = server.grpc_url, server.process.pid
+    try:
+        if check_outputs:
+            out["outputs"] = served_outputs_check(url, model_name, images, captions, precision)
+        for ensemble in ensembles:
+            requests = make_requests(ensemble, images, captions, plan.rows, max(8, 2 * plan.concurrency))
+            duration = plan.text_duration_s if ensemble == "embed_text" else plan.duration_s
+            before = statistics(url)
+            out[ensemble] = closed_loop_run(url, ensemble, requests, plan.rows, plan.concurrency, plan.warmup_s,
+                                        duration, plan.max_requests, pid)
+            out[ensemble]["models"] = triton_stats.delta(before, statistics(url))
+        if fixed_rate and "fuse_image_text" in out:
+            peak = out["fuse_image_text"]["items_per_s"]
+            rate = max(plan.load_fraction * peak / plan.rows, 0.2)  # a stalled closed loop still gets a rate
+            requests = make_requests("fuse_image_text", images, captions, plan.rows, 16)
+            before = statistics(url)
+            window = max(plan.duration_s, min(plan.at_load_min_requests / rate, plan.at_load_max_s))
+            run = fixed_rate_run(url, "fuse_image_text", requests, plan.rows, rate, window, plan.warmup_s,
+                             plan.max_requests, pid)
+            models = triton_stats.delta(before, statistics(url))
+            fusion_ms = models.get("fusion", {}).get("request_ms", math.nan)
+            run.update(load_fraction=plan.load_fraction, models=models, fusion_ms=fusion_ms,
+                       fusion_share_of_p50=fusion_ms / run["p50_ms"] if run["p50_ms"] else math.nan,
+                       p99_over_p50=run["p99_ms"] / run["p50_ms"] if run["p50_ms"] else math.nan)
+            out["fuse_image_text_at_load"] = run
+    finally:
+        server.stop()
+    return out
