@@ -156,7 +156,8 @@ def check_python_model(name: str, config: ModelConfig, model_dir: Path, load_wei
                            version=ModelContext.latest_version(model_dir))
     params = Params.from_model_config(name, json.loads(config_json(config)))
     try:
-        handler_class, parsed = check_config(context, params, [t.name for t in config.input])
+        handler_class, parsed = check_config(context, params, [t.name for t in config.input],
+                                             [t.name for t in config.output])
         if load_weights:
             handler_class.build(context, parsed).close()
     except MMFuseError as error:

@@ -69,6 +69,10 @@ class Handler(ABC):
     #: Parameter sets that parse (no weights needed) and together reach every key, for the generated docs.
     doc_examples: ClassVar[tuple[Mapping[str, str], ...]] = ({},)
 
+    #: What a handler reads and writes when that does not depend on its config (else override the methods).
+    INPUTS: ClassVar[tuple[InputSpec, ...]] = ()
+    OUTPUTS: ClassVar[tuple[str, ...]] = ()
+
     config: Any  # the parsed config this handler was built from
 
     # -- configuration: no weights, no threads --------------------------------------------------------------------
@@ -78,14 +82,14 @@ class Handler(ABC):
         """``parameters {}`` -> a frozen config object; every error names the model, the key and the value."""
 
     @classmethod
-    @abstractmethod
     def input_specs(cls, config: Any) -> tuple[InputSpec, ...]:
         """The tensors a handler of this config reads."""
+        return cls.INPUTS
 
     @classmethod
-    @abstractmethod
     def output_names(cls, config: Any) -> tuple[str, ...]:
         """Every output a handler of this config can write."""
+        return cls.OUTPUTS
 
     @classmethod
     def optional_output_names(cls, config: Any) -> tuple[str, ...]:
@@ -155,16 +159,21 @@ def undeclared_inputs(model_name: str, specs: Sequence[InputSpec], declared: Seq
     ]
 
 
-def check_config(context: ModelContext, params: Params, declared_inputs: Sequence[str]) -> tuple[type[Handler], Any]:
+def check_config(context: ModelContext, params: Params, declared_inputs: Sequence[str],
+                 declared_outputs: Sequence[str] = ()) -> tuple[type[Handler], Any]:
     """Parse a model's parameters with its handler's own parsing, offline: (handler class, config).
 
-    Raises ConfigError for an unknown handler, a bad or unknown key, or an input the handler reads that
-    config.pbtxt does not declare. Builds nothing.
+    Raises ConfigError for an unknown handler, a bad or unknown key, an input the handler reads that
+    config.pbtxt does not declare, or an output config.pbtxt declares that the handler never writes.
+    Builds nothing.
     """
     cls = handler_of(params)
     config = cls.parse(context, params)
     params.reject_unknown()
     errors = undeclared_inputs(context.model_name, cls.input_specs(config), declared_inputs, cls.name)
+    writes = cls.output_names(config)
+    errors += [f"model '{context.model_name}': config.pbtxt declares output '{name}', which {cls.name} never writes "
+               f"(it writes: {', '.join(writes)})" for name in declared_outputs if name not in writes]
     if errors:
         raise ConfigError("; ".join(errors))
     return cls, config

@@ -203,6 +203,8 @@ class ImagePreprocessor(Handler):
 
     name = "image_preprocess"
     metrics_labels = ("image", "preprocess")
+    INPUTS = (InputSpec("IMAGE", "O", row_rank=1),)
+    OUTPUTS = ("PIXELS", "VALID", "STATUS")
     parameters = {
         **{k: v for k, v in CLIP_PARAMETERS.items() if k in PREPROCESS_CLIP_KEYS},
         "max_image_bytes": "encoded size limit per image; over it the row is too_large",
@@ -238,14 +240,6 @@ class ImagePreprocessor(Handler):
         return ImagePreprocessConfig(ClipSpec.from_params(params, context, weights=False), limits,
                                      params.int("decode_threads", 2, minimum=1, maximum=64),
                                      params.bool("jpeg_draft", False))
-
-    @classmethod
-    def input_specs(cls, config: ImagePreprocessConfig) -> tuple[InputSpec, ...]:
-        return (InputSpec("IMAGE", "O", row_rank=1),)
-
-    @classmethod
-    def output_names(cls, config: ImagePreprocessConfig) -> tuple[str, ...]:
-        return ("PIXELS", "VALID", "STATUS")
 
     @classmethod
     def build(cls, context: ModelContext, config: ImagePreprocessConfig) -> ImagePreprocessor:

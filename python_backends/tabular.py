@@ -96,6 +96,8 @@ class TabularEncoder(Handler):
 
     name = "tabular_encoder"
     metrics_labels = ("tabular", "encode")
+    INPUTS = (InputSpec("FEATURES", "f", row_rank=1),)
+    OUTPUTS = ("EMBEDDING", "VALID", "STATUS")
     parameters = {
         "num_features": "F, features per row (equals the FEATURES dims of config.pbtxt)",
         "embed_dim": "D, size of EMBEDDING (equals the other towers' embed_dim)",
@@ -116,14 +118,6 @@ class TabularEncoder(Handler):
     @classmethod
     def parse(cls, context: ModelContext, params: Params) -> TabularConfig:
         return TabularConfig.from_params(params)
-
-    @classmethod
-    def input_specs(cls, config: TabularConfig) -> tuple[InputSpec, ...]:
-        return (InputSpec("FEATURES", "f", row_rank=1),)
-
-    @classmethod
-    def output_names(cls, config: TabularConfig) -> tuple[str, ...]:
-        return ("EMBEDDING", "VALID", "STATUS")
 
     @classmethod
     def build(cls, context: ModelContext, config: TabularConfig) -> TabularEncoder:

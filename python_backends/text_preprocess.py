@@ -66,6 +66,7 @@ class TextPreprocessor(Handler):
     # bug loses requests, and can crash the server, when one of two parallel branches fails while
     # the other still runs).
     INPUTS = (InputSpec("TEXT", "O", row_rank=1), InputSpec("AFTER", "f", optional=True))
+    OUTPUTS = ("TOKENS", "VALID", "STATUS")
 
     def __init__(self, spec: ClipSpec, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS):
         self.config = TextPreprocessConfig(spec, max_text_chars)
@@ -80,14 +81,6 @@ class TextPreprocessor(Handler):
     def parse(cls, context: ModelContext, params: Params) -> TextPreprocessConfig:
         return TextPreprocessConfig(ClipSpec.from_params(params, context, weights=False),
                                     params.int("max_text_chars", DEFAULT_MAX_TEXT_CHARS, minimum=1))
-
-    @classmethod
-    def input_specs(cls, config: TextPreprocessConfig) -> tuple[InputSpec, ...]:
-        return cls.INPUTS
-
-    @classmethod
-    def output_names(cls, config: TextPreprocessConfig) -> tuple[str, ...]:
-        return ("TOKENS", "VALID", "STATUS")
 
     @classmethod
     def build(cls, context: ModelContext, config: TextPreprocessConfig) -> TextPreprocessor:

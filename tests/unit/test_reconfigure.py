@@ -307,3 +307,11 @@ def test_the_openvino_engine_is_validated_offline(shipped):
 
     errors = validate_one("text_encoder", unknown_engine, shipped)
     assert any("'engine' = 'tensorrt'" in e and "openvino" in e for e in errors), errors
+
+
+def test_an_output_the_handler_never_writes_is_refused(shipped):
+    from tritonclient.grpc import model_config_pb2
+
+    errors = validate_one("text_preprocess", lambda c: c.output.add(
+        name="PIXELS", data_type=model_config_pb2.TYPE_FP32, dims=[3, 64, 64]), shipped)
+    assert any("declares output 'PIXELS'" in e and "text_preprocess never writes" in e for e in errors), errors
