@@ -15,12 +15,11 @@ compute_infer_ms   the model's own execution
 compute_output_ms  copying the outputs out
 compute_ms         the sum of the three compute phases
 batch_sizes        {"rows": executions of that many rows} formed in the window
-mean_batch_rows    rows per execution (inference_count / execution_count; NaN without executions)
+mean_batch_rows    rows per execution (inference_count / execution_count; None without executions)
 =================  ===============================================================================
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -68,7 +67,7 @@ def model_delta(before: Mapping, after: Mapping) -> dict[str, Any]:
         "request_ms": ms(success), **{f"{name}_ms": value for name, value in phases.items()},
         "compute_ms": phases["compute_input"] + phases["compute_infer"] + phases["compute_output"],
         "batch_sizes": {str(k): v for k, v in batches.items()},
-        "mean_batch_rows": rows / executions if executions > 0 else math.nan,
+        "mean_batch_rows": rows / executions if executions > 0 else None,
     }
 
 

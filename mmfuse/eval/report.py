@@ -272,8 +272,8 @@ def plot_breakdown(load: dict, path: Path) -> None:
         run = _top_closed(load, e)
         for step, s in run["server"]["steps"].items():
             labels.append(f"{e} / {step}")
-            queue.append(s["queue_us"] / 1000)
-            compute.append(s["compute_us"] / 1000)
+            queue.append(s["queue_ms"])
+            compute.append(s["compute_ms"])
     y = np.arange(len(labels))
     ax.barh(y, queue, color="tab:red", label="queue")
     ax.barh(y, compute, left=queue, color="tab:blue", label="compute (input + infer + output)")
@@ -325,7 +325,7 @@ def _robustness_md(rob: dict, lines: list[str]) -> None:
     for s, fig in rob["strategies"].items():
         c = fig["clean"]
 
-        def auc(group: list[str]) -> str:
+        def auc(group: list[str], fig=fig) -> str:
             values = [fig["curves"][n]["relative_robustness"] for n in group]
             return _num(float(np.mean(values)), 3) if values else "-"
 
@@ -366,7 +366,7 @@ def _robustness_md(rob: dict, lines: list[str]) -> None:
     for s, fig in rob["strategies"].items():
         r = fig["retention"]
 
-        def cell(key: str) -> str:
+        def cell(key: str, r=r) -> str:
             if key not in r:
                 return "-"
             return "n/a" if r[key]["retention"] is None else f"{r[key]['retention']:.2f}"
@@ -439,13 +439,13 @@ def _load_md(load: dict, lines: list[str]) -> None:
     for e in dict.fromkeys(r["ensemble"] for r in load["runs"]):
         run = _top_closed(load, e)
         es = run["server"]["ensemble"]
-        lines.append(f"| **{e}** (c={run['concurrency']}) | end to end: {es['request_us'] / 1000:.2f} ms per request | "
+        lines.append(f"| **{e}** (c={run['concurrency']}) | end to end: {es['request_ms']:.2f} ms per request | "
                      f"{es['requests']} | | | | | | | |")
         for step, s in run["server"]["steps"].items():
             sizes = ", ".join(f"{k}x{v}" for k, v in s["batch_sizes"].items())
-            lines.append(f"| | {step} | {s['requests']} | {s['executions']} | {s['queue_us'] / 1000:.2f} | "
-                         f"{s['compute_input_us'] / 1000:.2f} | {s['compute_infer_us'] / 1000:.2f} | "
-                         f"{s['compute_output_us'] / 1000:.2f} | {s['mean_batch']:.2f} | {sizes} |")
+            lines.append(f"| | {step} | {s['requests']} | {s['executions']} | {s['queue_ms']:.2f} | "
+                         f"{s['compute_input_ms']:.2f} | {s['compute_infer_ms']:.2f} | "
+                         f"{s['compute_output_ms']:.2f} | {_num(s['mean_batch_rows'], 2)} | {sizes} |")
     if load.get("strategy_overhead"):
         lines += ["", "Fusion overhead per strategy: `fuse_image_text`, closed loop at the highest concurrency, each "
                   "head served in turn:", "",
@@ -453,10 +453,10 @@ def _load_md(load: dict, lines: list[str]) -> None:
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in load["strategy_overhead"]:
             fusion = next((s for n, s in r["server"]["steps"].items() if n.startswith("fusion")), None)
-            fms = "-" if fusion is None else f"{(fusion['queue_us'] + fusion['compute_us']) / 1000:.2f}"
+            fms = "-" if fusion is None else f"{fusion['queue_ms'] + fusion['compute_ms']:.2f}"
             lines.append(f"| {r['strategy']} | {_num(r['throughput_per_s'])} | {_num(r['latency_ms']['p50'])} | "
                          f"{_num(r['latency_ms']['p95'])} | {_num(r['latency_ms']['p99'])} | {fms} | "
-                         f"{_pct(r['server']['fusion_share'])} | {'-' if fusion is None else fusion['mean_batch']} |")
+                         f"{_pct(r['server']['fusion_share'])} | {'-' if fusion is None else _num(fusion['mean_batch_rows'], 2)} |")
     pa = load["perf_analyzer"]
     lines += ["", "![latency](latency.png)", "", "![per-step breakdown and batch sizes](breakdown.png)", "",
               "### The same measurements with perf_analyzer", "",

@@ -1,21 +1,21 @@
 """``mmfuse eval``: robustness and performance of a running (or embedded) server, written as a report."""
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from .. import processes
 from . import corruptions as C
 from . import load as L
 from . import robustness as R
-from .served_heads import (ENSEMBLE, Head, Switcher, describe_machine, discover_heads, server_pid_for_port,
-                      served_outputs)
+from .served_heads import ENSEMBLE, Head, Switcher, describe_machine, discover_heads, served_outputs
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -44,7 +44,7 @@ class EvalConfig:
     load: bool = True
 
     @classmethod
-    def quick_defaults(cls, **kwargs) -> "EvalConfig":
+    def quick_defaults(cls, **kwargs) -> EvalConfig:
         values = dict(quick=True, per_kind=4, calibration_per_kind=8, levels=(0.0, 0.5, 1.0), concurrencies=(1, 4),
                       load_requests=24, load_seconds=1.0)
         values.update(kwargs)
@@ -91,7 +91,7 @@ def served_ensembles(client) -> list[str]:
 def run(cfg: EvalConfig, argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Start (or reach) the server, evaluate, write the report; returns the report's JSON."""
     from mmfuse.paths import DEFAULT_MODEL_REPOSITORY
-from mmfuse.server import ServerConfig, TritonServer
+    from mmfuse.server import ServerConfig, TritonServer
 
     started = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -110,14 +110,14 @@ from mmfuse.server import ServerConfig, TritonServer
         if host not in LOOPBACK:
             raise SystemExit(f"mmfuse eval: {url} is not a loopback address; the evaluation only loads servers "
                              "on this machine (127.0.0.1, localhost, ::1)")
-        pid = server_pid_for_port(port)
+        pid = processes.pid_listening_on(port)
     try:
         report = _evaluate(cfg, url, pid, repository, embedded=server is not None)
     finally:
         if server is not None:
             server.stop()
     report["seconds"] = round(time.monotonic() - started, 1)
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["machine"]["load_average_at_end"] = processes.load_average()
     report["command"] = "mmfuse " + " ".join(argv) if argv is not None else None
     from .report import write_report
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from mmfuse.serving.strategies.base import HEAD_CONFIG
+from mmfuse.wire import bytes_column
 
 FUSION = "fusion"
 ENSEMBLE = "fuse_image_text"
@@ -146,10 +148,6 @@ def served_outputs(client, name: str) -> list[str]:
     return [o.name for o in client.get_model_config(name).config.output]
 
 
-def _column(values: Sequence[bytes | str]) -> np.ndarray:
-    return np.array([[v.encode() if isinstance(v, str) else v] for v in values], dtype=object)
-
-
 def run_rows(client, options, ensemble: str, columns: dict[str, list], outputs: Sequence[str], batch: int,
              in_flight: int, progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
     """Send ``columns`` ([N] rows each) in requests of ``batch`` rows, ``in_flight`` at once; outputs in row order."""
@@ -159,7 +157,7 @@ def run_rows(client, options, ensemble: str, columns: dict[str, list], outputs: 
     chunks = [slice(i, min(n, i + batch)) for i in range(0, n, batch)]
 
     def one(s: slice) -> dict[str, np.ndarray]:
-        arrays = {k: (_column(v[s]) if isinstance(v, list) else v[s]) for k, v in columns.items()}
+        arrays = {k: (bytes_column(v[s]) if isinstance(v, list) else v[s]) for k, v in columns.items()}
         out = call(client, ensemble, arrays, outputs, options)
         if progress is not None:
             progress(s.stop - s.start)
@@ -170,87 +168,17 @@ def run_rows(client, options, ensemble: str, columns: dict[str, list], outputs: 
     return {name: np.concatenate([p[name] for p in parts]) for name in outputs}
 
 
-def server_pid_for_port(port: int) -> int | None:
-    """The pid listening on 127.0.0.1/0.0.0.0:port (loopback servers; /proc of processes we may read)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            local, state, inode = parts[1], parts[3], parts[9]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                inodes.add(inode)
-    if not inodes:
-        return None
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                target = os.readlink(fd)
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    return int(proc.name)
-        except OSError:
-            continue
-    return None
-
-
-def process_tree(pid: int) -> list[int]:
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        try:
-            for task in Path(f"/proc/{p}/task").iterdir():
-                children = (task / "children").read_text().split()
-                stack.extend(int(c) for c in children)
-        except OSError:
-            continue
-    return out
-
-
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (tritonserver + python-backend stubs)."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            continue
-    return total
-
-
-def tree_pss_bytes(pid: int) -> int | None:
-    """Proportional set size of a process tree (shared pages split between the processes that map them)."""
-    total = 0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            return None
-    return total
-
-
 def describe_machine() -> dict[str, Any]:
     import platform
 
+    from mmfuse import processes
+
     info: dict[str, Any] = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-        info["memory_gib"] = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
-        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+    cpu, _ = processes.cpu_model_and_flags()
+    memory = processes.memory_total_bytes()
+    if cpu:
+        info["cpu"] = cpu
+    if memory:
+        info["memory_gib"] = round(memory / 2**30, 1)
+    info["load_average_at_start"] = processes.load_average()
     return info

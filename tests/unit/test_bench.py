@@ -46,8 +46,9 @@ def test_matmul_rate_is_a_rate():
 
 
 def test_inputs_are_deterministic_jpegs():
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     images, captions = bench.bench_inputs(3, 160, 120)
     again, _ = bench.bench_inputs(3, 160, 120)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mmfuse import shapes
+from mmfuse import shapes, triton_stats
 from mmfuse.eval import corruptions as C
 from mmfuse.eval import load as L
 from mmfuse.eval import metrics as M
@@ -118,7 +118,8 @@ def test_logistic_regression_separates_and_undecidable_rows_get_half():
 
 def test_statistics_difference_per_step():
     def snapshot(success, queue_ns, infer_ns, executions, batches):
-        return {"execution_count": executions, "inference_stats": {
+        rows = sum(size * count for size, count in batches.items())
+        return {"execution_count": executions, "inference_count": rows, "inference_stats": {
             "success": {"count": success, "ns": success * 2_000_000}, "fail": {"count": 0, "ns": 0},
             "queue": {"count": success, "ns": queue_ns}, "compute_input": {"count": success, "ns": 0},
             "compute_infer": {"count": success, "ns": infer_ns}, "compute_output": {"count": success, "ns": 0}},
@@ -126,19 +127,19 @@ def test_statistics_difference_per_step():
 
     before = snapshot(10, 1_000_000, 5_000_000, 6, {1: 4, 3: 2})
     after = snapshot(22, 4_000_000, 11_000_000, 10, {1: 6, 3: 2, 4: 2})
-    d = L.step_delta(before, after)
+    d = triton_stats.model_delta(before, after)
     assert d["requests"] == 12 and d["executions"] == 4
-    assert d["batch_sizes"] == {"1": 2, "4": 2} and d["mean_batch"] == 2.5
-    assert d["queue_us"] == pytest.approx(250.0) and d["compute_infer_us"] == pytest.approx(500.0)
-    assert d["request_us"] == pytest.approx(2000.0)
-    assert L.step_delta({}, after)["requests"] == 22
+    assert d["batch_sizes"] == {"1": 2, "4": 2} and d["mean_batch_rows"] == 2.5
+    assert d["queue_ms"] == pytest.approx(0.25) and d["compute_infer_ms"] == pytest.approx(0.5)
+    assert d["request_ms"] == pytest.approx(2.0)
+    assert triton_stats.model_delta({}, after)["requests"] == 22
 
 
 def test_run_summary():
     run = L.Run("fuse_image_text", "closed", 4, sent=5, completed=4, errors={"StatusCode.UNAVAILABLE": 1},
                 seconds=2.0, latencies_ms=[10.0, 20.0, 30.0, 40.0], max_in_flight=4, rss_idle=100, rss_peak=500)
-    run.steps = {"fusion": {"queue_us": 100.0, "compute_us": 300.0}}
-    run.ensemble_stats = {"request_us": 1600.0}
+    run.steps = {"fusion": {"queue_ms": 0.1, "compute_ms": 0.3}}
+    run.ensemble_stats = {"request_ms": 1.6}
     s = run.summary()
     assert s["throughput_per_s"] == 2.0 and s["latency_ms"]["p50"] == 25.0 and s["latency_ms"]["mean"] == 25.0
     assert s["memory"]["bytes_per_request_in_flight"] == 100
@@ -180,10 +181,10 @@ def test_report_from_figures(tmp_path):
     R.compare(strategies, single, "late", names, levels)
     run = L.Run("fuse_image_text", "closed", 2, sent=3, completed=3, seconds=1.0, latencies_ms=[1.0, 2.0, 3.0],
                 max_in_flight=2, rss_idle=2**20, rss_peak=2**21)
-    run.steps = {"fusion": L.step_delta({}, {"execution_count": 2, "inference_stats": {
+    run.steps = {"fusion": triton_stats.model_delta({}, {"execution_count": 2, "inference_count": 3, "inference_stats": {
         "success": {"count": 3, "ns": 3000}, "queue": {"count": 3, "ns": 300}},
         "batch_stats": [{"batch_size": 1, "compute_infer": {"count": 1}}, {"batch_size": 2, "compute_infer": {"count": 1}}]})}
-    run.ensemble_stats = {"requests": 3, "request_us": 4.0}
+    run.ensemble_stats = {"requests": 3, "request_ms": 0.004}
     report = {
         "created_utc": "now", "seconds": 1.0, "command": "mmfuse eval --out x", "machine": {"cpus": 2},
         "server": {"embedded": True, "url": "127.0.0.1:1", "repository": "repo", "served_fusion": "late"},
