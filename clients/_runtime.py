@@ -23,12 +23,15 @@ import dataclasses
 import random
 import sys
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Iterator, Mapping, Sequence, TypeVar, Union
+from typing import Any, ClassVar, Generic, TypeVar, Union
 
 import numpy as np
+
+from mmfuse.wire import as_bytes, infer_inputs
 
 from .errors import MMFuseClientError, ServerUnavailable, from_triton
 
@@ -165,12 +168,9 @@ def connect_async(options: ClientOptions):
 
 # -- numpy in ---------------------------------------------------------------------------------------------
 def _as_bytes(item: Any, where: str) -> bytes:
-    if item is None:
-        return b""
-    if isinstance(item, str):
-        return item.encode("utf-8")
-    if isinstance(item, (bytes, bytearray, memoryview, np.bytes_)):
-        return bytes(item)
+    """mmfuse.wire's element conversion, for the types a TYPE_STRING input takes (anything else: ValueError)."""
+    if item is None or isinstance(item, (str, bytes, bytearray, memoryview)):
+        return as_bytes(item)
     raise ValueError(f"{where}: elements must be bytes, str or None, got {type(item).__name__}")
 
 
@@ -238,20 +238,6 @@ def encode_inputs(spec: EnsembleSpec, columns: Mapping[str, Any]) -> tuple[dict[
     return arrays, n
 
 
-def make_inputs(arrays: Mapping[str, np.ndarray], datatypes: Mapping[str, str] | None = None) -> list:
-    """tritonclient ``InferInput``s; the data type comes from ``datatypes`` or from the array."""
-    import tritonclient.grpc as grpcclient
-
-    inputs = []
-    for name, array in arrays.items():
-        datatype = (datatypes or {}).get(name) or (
-            "BYTES" if array.dtype == object else grpcclient.np_to_triton_dtype(array.dtype))
-        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
-
 # -- one request, with retries ----------------------------------------------------------------------------
 def _requested(outputs: Sequence[str]) -> list:
     import tritonclient.grpc as grpcclient
@@ -265,7 +251,7 @@ def call(connection, ensemble: str, arrays: Mapping[str, np.ndarray], outputs: S
     """One ModelInfer on a sync tritonclient connection; UNAVAILABLE is retried with back-off."""
     from tritonclient.utils import InferenceServerException
 
-    inputs, requested = make_inputs(arrays, datatypes), _requested(outputs)
+    inputs, requested = infer_inputs(arrays, datatypes), _requested(outputs)
     attempts = 0
     while True:
         attempts += 1
@@ -288,7 +274,7 @@ async def call_async(connection, ensemble: str, arrays: Mapping[str, np.ndarray]
     """``call`` on a ``tritonclient.grpc.aio`` connection."""
     from tritonclient.utils import InferenceServerException
 
-    inputs, requested = make_inputs(arrays, datatypes), _requested(outputs)
+    inputs, requested = infer_inputs(arrays, datatypes), _requested(outputs)
     attempts = 0
     while True:
         attempts += 1

@@ -32,17 +32,20 @@ from __future__ import annotations
 import difflib
 import io
 import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
 from tritonclient.grpc import model_config_pb2
 
+from .repository import config_path, load_config
+from .repository import models as repository_models
 from .server import BACKEND_NAME
-from .repository import config_path, load_config, models as repository_models
+from .wire import decode_strings, infer_inputs
 
 ModelConfig = model_config_pb2.ModelConfig
 
@@ -356,13 +359,9 @@ def probe_inputs(config: ModelConfig, rows: int = PROBE_ROWS) -> dict[str, np.nd
 def run_probe(client, name: str, config: ModelConfig, timeout_s: float = 60.0) -> dict[str, np.ndarray]:
     """One request through an ensemble; raise ReconfigureError if it fails or its answer is not sound."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+    from tritonclient.utils import InferenceServerException
 
-    inputs = []
-    for tensor, array in probe_inputs(config).items():
-        item = grpcclient.InferInput(tensor, list(array.shape), np_to_triton_dtype(array.dtype))
-        item.set_data_from_numpy(array)
-        inputs.append(item)
+    inputs = infer_inputs(probe_inputs(config))
     outputs = [grpcclient.InferRequestedOutput(t.name) for t in config.output]
     try:
         result = client.infer(name, inputs, outputs=outputs, client_timeout=timeout_s)
@@ -376,7 +375,7 @@ def run_probe(client, name: str, config: ModelConfig, timeout_s: float = 60.0) -
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise ReconfigureError(f"probe of '{name}': output '{tensor}' is not finite")
         if tensor.endswith("STATUS"):
-            statuses = {x.decode() if isinstance(x, bytes) else str(x) for x in array.reshape(-1)}
+            statuses = {status for row in decode_strings(array) for status in row}
             if statuses != {"ok"}:
                 raise ReconfigureError(f"probe of '{name}': valid probe inputs got {tensor} {sorted(statuses)}")
         if tensor == "VALID" and not array.all():

@@ -1,9 +1,12 @@
 """mmfuse bench-pipeline: sequential vs pipelined asyncio calls from one client, against a running server.
 
-Both runs send the same ``--requests`` requests of ``--batch`` rows through the generated clients: one after
-another on the sync client, then with ``--in-flight`` requests at once on the asyncio client (one channel,
-one event loop). Triton's dynamic batcher merges the concurrent requests, so the pipelined run keeps the
-server busy where the sequential one leaves it idle between round trips.
+Both runs send the same ``--requests`` requests of ``--batch`` rows through the generated clients, as closed
+loops of mmfuse.loadgen (the load generator of ``mmfuse bench`` and ``mmfuse eval``): one request in flight
+on the sync client, then ``--in-flight`` requests at once on the asyncio client (one channel, one event
+loop). Triton's dynamic batcher merges the concurrent requests, so the pipelined run keeps the server busy
+where the sequential one leaves it idle between round trips. Triton's statistics over each run
+(mmfuse.triton_stats) are reported beside the timings: the requests each model served and the executions
+(batches) they took.
 """
 from __future__ import annotations
 
@@ -11,8 +14,8 @@ import argparse
 import asyncio
 import io
 import json
+import math
 import sys
-import time
 
 import numpy as np
 
@@ -58,35 +61,81 @@ def sample_request(module, n: int):
     return values
 
 
+def _requests(module, request_type, count: int, batch: int) -> list:
+    """``count`` requests of ``batch`` rows each (one request of sample values if the ensemble is not batched)."""
+    if not module.SPEC.batched:
+        return [request_type(**sample_request(module, batch))] * count
+    rows = sample_request(module, count * batch)
+    return [request_type(**{k: v[i * batch:(i + 1) * batch] for k, v in rows.items()}) for i in range(count)]
+
+
+async def _closed_loop(infer, requests: list, in_flight: int) -> tuple[list, float]:
+    """Every request through ``infer`` (a coroutine function), ``in_flight`` at once (mmfuse.loadgen); the
+    responses in request order and the seconds it took. The first failure is raised."""
+    from mmfuse.loadgen import LoadPlan, generate
+
+    responses: list = [None] * len(requests)
+    failures: list[BaseException] = []
+
+    async def send(i: int) -> None:
+        try:
+            responses[i] = await infer(requests[i])
+        except Exception as error:
+            failures.append(error)
+            raise
+
+    result = await generate(send, LoadPlan(concurrency=in_flight, max_requests=len(requests), max_seconds=math.inf))
+    if failures:
+        raise failures[0]
+    return responses, result.seconds
+
+
 def measure(module, options, requests: int, batch: int, in_flight: int, warmup: int) -> dict:
+    from mmfuse import triton_stats
+    from mmfuse.clients._runtime import connect
     from mmfuse.clients.ensembles import ASYNC_CLIENTS, CLIENTS
 
     name = module.SPEC.name
-    request = CLIENTS[name].request_type(**sample_request(module, requests * batch))
+    pool = _requests(module, CLIENTS[name].request_type, requests, batch)
     warm = CLIENTS[name].request_type(**sample_request(module, max(1, warmup) * batch))
+    stats = connect(options)
+    server: dict[str, dict] = {}
 
     with CLIENTS[name](options=options) as client:
         client.infer(warm, max_batch=batch, progress=False)
-        started = time.perf_counter()
-        sequential = client.infer(request, max_batch=batch, progress=False)
-        sequential_s = time.perf_counter() - started
+        before = triton_stats.snapshot(stats)
+
+        async def one(request):
+            return await asyncio.to_thread(client.infer, request, max_batch=batch, progress=False)
+
+        sequential, sequential_s = asyncio.run(_closed_loop(one, pool, 1))
+        server["sequential"] = triton_stats.delta(before, triton_stats.snapshot(stats))
 
     async def pipelined_run():
-        async with ASYNC_CLIENTS[name](options=options) as client:
-            await client.infer(warm, max_batch=batch, max_in_flight=in_flight, progress=False)
-            started = time.perf_counter()
-            out = await client.infer(request, max_batch=batch, max_in_flight=in_flight, progress=False)
-            return out, time.perf_counter() - started
+        async with ASYNC_CLIENTS[name](options=options) as aclient:
+            await aclient.infer(warm, max_batch=batch, max_in_flight=in_flight, progress=False)
+            start = triton_stats.snapshot(stats)
 
-    pipelined, pipelined_s = asyncio.run(pipelined_run())
+            async def one(request):
+                return await aclient.infer(request, max_batch=batch, max_in_flight=1, progress=False)
+
+            out = await _closed_loop(one, pool, in_flight)
+            server["pipelined"] = triton_stats.delta(start, triton_stats.snapshot(stats))
+            return out
+
+    try:
+        pipelined, pipelined_s = asyncio.run(pipelined_run())
+    finally:
+        stats.close()
     first = module.SPEC.outputs[0]
-    a, b = getattr(sequential, first.field), getattr(pipelined, first.field)
+    a = np.concatenate([np.atleast_1d(getattr(r, first.field)) for r in sequential])
+    b = np.concatenate([np.atleast_1d(getattr(r, first.field)) for r in pipelined])
     same = bool(np.allclose(a, b, atol=1e-4)) if a.dtype != object else bool((a == b).all())
     return {
         "ensemble": name, "url": options.url, "requests": requests, "batch": batch, "in_flight": in_flight,
         "sequential_s": sequential_s, "pipelined_s": pipelined_s,
         "sequential_req_per_s": requests / sequential_s, "pipelined_req_per_s": requests / pipelined_s,
-        "ratio": sequential_s / pipelined_s, "same_results": same,
+        "ratio": sequential_s / pipelined_s, "same_results": same, "server": server,
     }
 
 

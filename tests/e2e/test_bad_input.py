@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 import pytest
 
+from mmfuse import processes
 from mmfuse.server import is_ready
 from tests.corpus import OK, POISONS_TRITON_2_51, all_request_cases, clean_jpeg, clean_png, kinds, row_cases
-from tests.e2e import process_info
 from tests.e2e.conftest import MAX_IMAGE_BYTES, MAX_TEXT_CHARS, cosine
 from tests.e2e.wire import Wire, statuses
 
@@ -58,7 +58,7 @@ def _clean_answers(wire: Wire) -> dict[str, dict[str, np.ndarray]]:
 @pytest.fixture(scope="module")
 def before(server, wire):
     """Stub processes and clean answers before the corpus is sent."""
-    return {"stubs": process_info.stubs(server.process.pid), "answers": _clean_answers(wire)}
+    return {"stubs": processes.stubs(server.process.pid), "answers": _clean_answers(wire)}
 
 
 def _check_neighbours(out: dict[str, np.ndarray], clean: dict[str, np.ndarray], key: str) -> None:
@@ -124,9 +124,9 @@ def test_after_the_corpus_nothing_died_and_answers_are_unchanged(server, wire, b
     assert is_ready(server.config.http_port)
     for model in MODELS:
         assert wire.model_ready(model), model
-    after = process_info.stubs(server.process.pid)
+    after = processes.stubs(server.process.pid)
     assert after == before["stubs"], "a Python model process died or was replaced"
-    assert not process_info.zombies(server.process.pid)
+    assert not processes.zombies(server.process.pid)
     answers = _clean_answers(wire)
     for ensemble, outputs in before["answers"].items():
         for name, value in outputs.items():

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from mmfuse import processes
 from mmfuse.repository import copy_repository
 from mmfuse.server import is_ready
 from tests.corpus import POISONS_TRITON_2_51, all_request_cases, clean_jpeg
-from tests.e2e import process_info
 from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire
 
@@ -136,7 +136,7 @@ def no_fault_left(fault_repository):
 
 def test_an_encoder_that_raises_fails_its_requests_and_nothing_else(fault_server, fault_repository, wire, clean):
     pid = fault_server.process.pid
-    stubs_before = process_info.stubs(pid)
+    stubs_before = processes.stubs(pid)
     fault(fault_repository, "image_encoder", **{"raise": True})
     for _ in range(3):
         with pytest.raises(grpc.RpcError) as info:
@@ -145,7 +145,7 @@ def test_an_encoder_that_raises_fails_its_requests_and_nothing_else(fault_server
         assert "image_encoder" in info.value.details() and "injected fault" in info.value.details()
     # The text path does not touch the image encoder.
     np.testing.assert_allclose(wire.rows("embed_text", {"TEXT": TEXTS})["EMBEDDING"], clean["text"], atol=1e-5)
-    assert process_info.stubs(pid) == stubs_before, "an exception must not end the model's process"
+    assert processes.stubs(pid) == stubs_before, "an exception must not end the model's process"
     assert is_ready(fault_server.config.http_port)
 
     fault(fault_repository, "image_encoder")
@@ -208,7 +208,7 @@ class Load:
 def test_a_killed_model_process_under_load(fault_server, wire, clean):
     """SIGKILL the text encoder's stub while both embed ensembles are under load: what Triton 2.51 does."""
     pid = fault_server.process.pid
-    before = process_info.stubs(pid)
+    before = processes.stubs(pid)
     victim = before["text_encoder_0_0"]
     with Load(fault_server.grpc_url, "embed_image", {"IMAGE": IMAGES}) as images, \
             Load(fault_server.grpc_url, "embed_text", {"TEXT": TEXTS}) as texts:
@@ -218,9 +218,9 @@ def test_a_killed_model_process_under_load(fault_server, wire, clean):
         time.sleep(6.0)
         # Measured facts of Triton 2.51's python backend (a Triton that changes them fails here, on purpose):
         # the stub is not restarted, and readiness does not change.
-        now = process_info.stubs(pid)
+        now = processes.stubs(pid)
         assert "text_encoder_0_0" not in now, "Triton restarted the stub: update this test and the README"
-        assert victim.pid in process_info.zombies(pid)
+        assert victim.pid in processes.zombies(pid)
         assert {k: v for k, v in now.items()} == {k: v for k, v in before.items() if k != "text_encoder_0_0"}
         assert wire.model_ready("text_encoder") and wire.model_ready("embed_text") and wire.server_ready()
     assert fault_server.process.poll() is None, "tritonserver must survive a dead stub"
@@ -237,7 +237,7 @@ def test_a_killed_model_process_under_load(fault_server, wire, clean):
     # Recovery: load the model again (explicit model control): a new stub, the same answers.
     admin = grpcclient.InferenceServerClient(fault_server.grpc_url)
     admin.load_model("text_encoder")
-    after = process_info.stubs(pid)
+    after = processes.stubs(pid)
     assert after["text_encoder_0_0"].pid != victim.pid
     np.testing.assert_allclose(wire.rows("embed_text", {"TEXT": TEXTS})["EMBEDDING"], clean["text"], atol=1e-5)
     np.testing.assert_allclose(wire.rows("embed_image", {"IMAGE": IMAGES})["EMBEDDING"], clean["image"], atol=1e-5)

@@ -137,9 +137,14 @@ def test_bench_pipeline_measures_both_runs_and_the_ratio(server, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["same_results"] is True
     assert result["ratio"] == pytest.approx(result["sequential_s"] / result["pipelined_s"])
-    # Observed here: 1.8x to 70x on 2 shared cores (README). Slower than sequential means broken; the mechanism
-    # itself is checked deterministically in test_generated_clients.py (server statistics).
-    assert result["ratio"] > 1.0, result
+    # No speed is asserted (README has the figures): Triton's statistics over each run say what reached the
+    # server. Both runs sent every request; sequential ones never share a batch (the mechanism that makes the
+    # pipelined run faster is checked in test_generated_clients.py).
+    for run in ("sequential", "pipelined"):
+        assert result["server"][run]["embed_text"]["requests"] == 48, (run, result["server"][run])
+        assert result["server"][run]["text_encoder"]["requests"] == 48, (run, result["server"][run])
+    encoder = result["server"]["sequential"]["text_encoder"]
+    assert encoder["executions"] == 48 and encoder["mean_batch_rows"] == 1.0, encoder
     assert mmfuse(["bench-pipeline", "--url", server.grpc_url, "--ensemble", "fuse_image_text", "--requests", "4",
                    "--batch", "2", "--in-flight", "2", "--warmup", "1"]) == 0
     printed = capsys.readouterr().out

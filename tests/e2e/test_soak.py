@@ -25,8 +25,8 @@ import grpc
 import numpy as np
 import pytest
 
+from mmfuse import processes
 from tests.corpus import _encode, _image, bytes_tensor, clean_jpeg, clean_png
-from tests.e2e import process_info
 from tests.e2e.wire import Wire, statuses
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -107,7 +107,7 @@ def test_sustained_load_has_no_errors_and_no_memory_growth(server):
         reference = {"image": wire.rows("embed_image", {"IMAGE": IMAGES})["EMBEDDING"],
                      "text": wire.rows("embed_text", {"TEXT": CAPTIONS})["EMBEDDING"],
                      "fused": wire.rows("fuse_image_text", {"IMAGE": IMAGES, "TEXT": CAPTIONS})["FUSED"]}
-    stubs = process_info.stubs(pid)
+    stubs = processes.stubs(pid)
     soak = Soak(server.grpc_url, reference)
     threads = [threading.Thread(target=soak.client, args=(i,), daemon=True) for i in range(CLIENTS)]
     for thread in threads:
@@ -119,7 +119,7 @@ def test_sustained_load_has_no_errors_and_no_memory_growth(server):
         end = time.monotonic() + SOAK_SECONDS
         interval = max(1.0, SOAK_SECONDS / 20)
         while True:
-            samples.append((time.monotonic() - started, soak.calls, len(soak.errors), process_info.memory(pid)))
+            samples.append((time.monotonic() - started, soak.calls, len(soak.errors), processes.memory(pid)))
             if time.monotonic() >= end or soak.errors:
                 break
             time.sleep(min(interval, max(0.0, end - time.monotonic())))
@@ -141,7 +141,7 @@ def test_sustained_load_has_no_errors_and_no_memory_growth(server):
         f"{name} {(rss - first.get(name, rss)) / 2**20:+.1f}" for name, rss in sorted(last.items())))
     print("\n".join(report))
     # No process died or was replaced under load.
-    assert process_info.stubs(pid) == stubs
+    assert processes.stubs(pid) == stubs
     # Memory: no trend once warm (see SLACK_BYTES), and bounded overall.
     half = next(i for i, sample in enumerate(samples) if sample[1] - samples[0][1] >= served / 2)
     half = min(max(half, 1), len(samples) - 1)
@@ -158,7 +158,7 @@ def test_sustained_load_has_no_errors_and_no_memory_growth(server):
 def test_overload_is_refused_at_once_and_the_server_recovers(server):
     """Far more concurrent embed_image requests than image_preprocess queues: the excess is refused at once."""
     pid = server.process.pid
-    stubs = process_info.stubs(pid)
+    stubs = processes.stubs(pid)
     heavy = _encode(_image(width=1600, height=1200, seed=21), "JPEG", quality=85)  # slow to decode, small to send
     burst = 900  # > max_queue_size 256 + what the decoders take while the burst is being sent
     with Wire(server.grpc_url) as wire:
@@ -209,4 +209,4 @@ def test_overload_is_refused_at_once_and_the_server_recovers(server):
         # Afterwards: same answers, same processes, ready.
         np.testing.assert_allclose(wire.rows("embed_image", {"IMAGE": IMAGES})["EMBEDDING"], before, atol=1e-5)
         assert wire.server_ready()
-    assert process_info.stubs(pid) == stubs
+    assert processes.stubs(pid) == stubs

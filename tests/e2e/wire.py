@@ -1,12 +1,15 @@
-"""Raw KServe-v2 gRPC requests: whatever tensors a test wants, including ones no client library would build."""
+"""Raw KServe-v2 gRPC requests: whatever tensors a test wants, including ones no client library would build.
+
+``statuses`` (a STATUS / MODALITY_STATUS output as lists of str) is mmfuse.wire's ``decode_statuses``."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import grpc
 import numpy as np
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
+from mmfuse.wire import decode_statuses as statuses  # noqa: F401 - imported by the tests from here
 from tests.corpus import WireTensor, bytes_tensor
 
 UNLIMITED = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -23,7 +26,7 @@ class Wire:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Wire":
+    def __enter__(self) -> Wire:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -54,8 +57,3 @@ class Wire:
 
     def model_ready(self, model: str, timeout: float = 10.0) -> bool:
         return self.stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=timeout).ready
-
-
-def statuses(array: np.ndarray) -> list[list[str]]:
-    return [[x.decode() if isinstance(x, bytes) else str(x) for x in row]
-            for row in np.asarray(array, dtype=object).reshape(array.shape[0], -1)]
