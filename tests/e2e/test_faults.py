@@ -219,7 +219,7 @@ def test_a_killed_model_process_under_load(fault_server, wire, clean):
         # Measured facts of Triton 2.51's python backend (a Triton that changes them fails here, on purpose):
         # the stub is not restarted, and readiness does not change.
         now = processes.stubs(pid)
-        assert "text_encoder_0_0" not in now, "Triton restarted the stub: update this test and the README"
+        assert "text_encoder_0_0" not in now, "Triton restarted the stub: update this test and docs/triton-issues.md"
         assert victim.pid in processes.zombies(pid)
         assert {k: v for k, v in now.items()} == {k: v for k, v in before.items() if k != "text_encoder_0_0"}
         assert wire.model_ready("text_encoder") and wire.model_ready("embed_text") and wire.server_ready()

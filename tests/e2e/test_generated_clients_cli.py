@@ -137,7 +137,7 @@ def test_bench_pipeline_measures_both_runs_and_the_ratio(server, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["same_results"] is True
     assert result["ratio"] == pytest.approx(result["sequential_s"] / result["pipelined_s"])
-    # No speed is asserted (README has the figures): Triton's statistics over each run say what reached the
+    # No speed is asserted (docs/clients.md has the figures): Triton's statistics over each run say what reached the
     # server. Both runs sent every request; sequential ones never share a batch (the mechanism that makes the
     # pipelined run faster is checked in test_generated_clients.py).
     for run in ("sequential", "pipelined"):
@@ -152,7 +152,7 @@ def test_bench_pipeline_measures_both_runs_and_the_ratio(server, capsys):
 
 
 def test_grpcurl_equivalent_calls_an_ensemble_with_only_tritons_public_protos(server, tmp_path):
-    """The README's grpcurl example, run by its stand-in with tritonclient, mmfuse and clients unimportable."""
+    """The grpcurl example of docs/clients.md, run by its stand-in with tritonclient, mmfuse and clients unimportable."""
     protoset = tmp_path / "triton.protoset"
     assert mmfuse(["protoset", "--out", str(protoset)]) == 0
     blocked = ("import runpy, sys\n"

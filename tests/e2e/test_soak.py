@@ -11,7 +11,7 @@
   waiting for the work ahead of it; the rest is served; afterwards the server answers as before.
 
 Only loopback traffic; the test stops by itself. fuse_image_text is not overloaded here: with Triton 2.51 a
-full queue inside one of its two branches crashes the server (see README, "Limits and guarantees").
+full queue inside one of its two branches crashes the server (see docs/triton-issues.md).
 """
 from __future__ import annotations
 
