@@ -1,5 +1,9 @@
 """open_clip image and text towers as batch handlers.
 
+Each engine has its module: ``torch_towers`` (the speed-ups applied to open_clip's torch modules, the text
+tower with trimming) and ``openvino_engine`` (the engine choice and the OpenVINO-compiled tower); their
+names stay importable from here.
+
 Rows marked invalid (VALID false) are not encoded: their EMBEDDING is zeros.
 EMBEDDING is L2-normalised, float32 whatever the compute precision. SEQUENCE (the
 token sequence of the tower's last layer, for attention fusion) is returned only
@@ -27,18 +31,17 @@ decode_images     image: ``true``: the encoder takes the encoded images (IMAGE) 
 """
 from __future__ import annotations
 
-import functools
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 
-from .errors import ConfigError
 from .handler import Handler, InputSpec
 from .image_preprocess import ImagePreprocessConfig, ImagePreprocessor
 from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, ClipSpec, load_clip, torch_dtype
+from .openvino_engine import ENGINES, OpenVinoTower, _check_engine, _text_tower_type
 from .params import ModelContext, Params
+from .torch_towers import _patch_embedding_type, can_trim, encode_text, patch_embedding_as_matmul, run_sequence_first  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -82,121 +85,6 @@ def _scatter(valid: np.ndarray, values: np.ndarray, rows: int) -> np.ndarray:
     out = np.zeros((rows,) + values.shape[1:], dtype=np.float32)
     out[valid] = values
     return out
-
-
-def patch_embedding_as_matmul(visual) -> bool:
-    """Replace the vision tower's patch embedding (a Conv2d whose kernel is its stride) by one matrix product.
-
-    Same arithmetic (each output is the dot product of a flattened patch with a flattened filter), but CPU
-    convolution kernels handle this 32x32-stride case far below the matmul rate: measured on ViT-B-32 in bf16,
-    one thread, batch 8: 10-12 ms as a convolution, 4.8 ms as a product (3 % of the whole tower).
-    Returns whether it was replaced (other stems are left as they are).
-    """
-    import torch
-
-    conv = getattr(visual, "conv1", None)
-    if not (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == conv.stride and conv.groups == 1
-            and tuple(conv.padding) == (0, 0) and tuple(conv.dilation) == (1, 1)):
-        return False
-    visual.conv1 = _patch_embedding_type()(conv)
-    return True
-
-
-@functools.lru_cache(maxsize=None)
-def _patch_embedding_type():
-    """The module class, made on first use: this file does not import torch at import time."""
-    import torch
-
-    class PatchEmbedding(torch.nn.Module):
-        """[B,C,H,W] -> [B,out,H/p,W/p], as the Conv2d it replaces (kernel = stride = p, no padding)."""
-
-        def __init__(self, conv: torch.nn.Conv2d):
-            super().__init__()
-            self.out_channels = conv.out_channels
-            self.patch = tuple(conv.kernel_size)
-            # [C*ph*pw, out]: the filters flattened in the order a patch is flattened below (channel, row, column).
-            self.register_buffer("weight", conv.weight.detach().reshape(conv.out_channels, -1).t().contiguous())
-            self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, c, h, w = x.shape
-            ph, pw = self.patch
-            gh, gw = h // ph, w // pw
-            patches = x[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw)
-            patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(b, gh * gw, c * ph * pw)
-            y = patches @ self.weight.to(x.dtype)
-            if self.bias is not None:
-                y = y + self.bias.to(x.dtype)
-            return y.permute(0, 2, 1).view(b, self.out_channels, gh, gw)  # the conv's layout, without a copy
-
-    return PatchEmbedding
-
-
-ENGINES = ("torch", "openvino")
-
-
-def _check_engine(engine: str, device: str, model: str = "") -> None:
-    who = f"model '{model}': " if model else ""
-    if engine not in ENGINES:
-        raise ConfigError(f"{who}engine {engine!r}: expected one of {', '.join(ENGINES)}")
-    if engine == "openvino" and device != "cpu":
-        raise ConfigError(f"{who}engine 'openvino' runs on a KIND_CPU instance; use engine 'torch' on a GPU")
-
-
-class OpenVinoTower:
-    """An open_clip tower traced once and compiled by OpenVINO's CPU plugin: input -> (pooled, tokens).
-
-    The same module and weights as the torch path; OpenVINO fuses the tower's elementwise work (layer
-    norms, GELU, attention's softmax) into its matrix products. ``shape`` is the input's shape with -1 for
-    the dimensions that stay dynamic (the batch; the text's trimmed length). Measured on ViT-B-32, one
-    thread, on an AVX512-BF16 CPU: image tower bf16 49.6-52.4 img/s against torch's 43.8-45, fp32 25.6-27.1
-    against 12.1; text tower (64 short captions trimmed to 11 tokens) bf16 490 captions/s against 429,
-    fp32 261 against ~116. Cosine vs torch fp32 >= 0.9999 (tests check each).
-    """
-
-    def __init__(self, module, example, shape: tuple[int, ...], precision: str, threads: int):
-        import openvino as ov
-        import torch
-
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"engine 'openvino' runs fp32 or bf16 on the CPU, not {precision!r}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript deprecation and tracer notes
-            # Traced with autograd on: nn.MultiheadAttention then records its plain ops (its fused inference-only
-            # kernel is not an op OpenVINO converts).
-            traced = torch.jit.trace(module, example, check_trace=False)
-        model = ov.convert_model(traced)
-        model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
-        # No CPU pinning: OpenVINO pins its threads by default, and two single-thread instances (two Triton
-        # model processes) were pinned to the same core (measured: 1.12 of 2 cores busy, 44.7 img/s).
-        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                  "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
-
-    def __call__(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.request.infer([np.ascontiguousarray(values)])
-        return np.asarray(out[0]), np.asarray(out[1])
-
-
-@functools.lru_cache(maxsize=None)
-def _text_tower_type():
-    """The module class, made on first use: this file does not import torch at import time."""
-    import torch
-
-    class TextTower(torch.nn.Module):
-        """tokens [B,L] -> (projected pooled [B,D], last-layer sequence [B,L,W]) of an open_clip model, for tracing:
-        the causal mask is cut to L inside, so one traced graph serves every trimmed length."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, tokens):
-            return encode_text(self.model, tokens, trim=False)
-
-    return TextTower
 
 
 class ImageEncoder(Handler):
@@ -256,7 +144,7 @@ class ImageEncoder(Handler):
         return _SEQUENCE_OUTPUTS + (("VALID", "STATUS") if config.decoding is not None else ())
 
     @classmethod
-    def build(cls, context: ModelContext, config: ImageEncoderConfig) -> "ImageEncoder":
+    def build(cls, context: ModelContext, config: ImageEncoderConfig) -> ImageEncoder:
         _setup_torch(config.torch_threads)
         encoder = cls(config.spec, context.torch_device, engine=config.engine, threads=config.torch_threads)
         if config.decoding is None:
@@ -377,7 +265,7 @@ class TextEncoder(Handler):
         return _SEQUENCE_OUTPUTS
 
     @classmethod
-    def build(cls, context: ModelContext, config: TextEncoderConfig) -> "TextEncoder":
+    def build(cls, context: ModelContext, config: TextEncoderConfig) -> TextEncoder:
         _setup_torch(config.torch_threads)
         return cls(config.spec, context.torch_device, trim=config.trim_text_tokens, engine=config.engine,
                    threads=config.torch_threads)
@@ -418,74 +306,3 @@ class TextEncoder(Handler):
             out["SEQUENCE"] = _scatter(valid, padded, rows)
             out["SEQUENCE_MASK"] = real & valid[:, None]
         return out
-
-
-def run_sequence_first(model) -> bool:
-    """Run open_clip's text transformer sequence-first ([L,B,D]) inside, as its batch_first=False mode does.
-
-    With a causal mask, nn.MultiheadAttention cannot take its fused inference path; batch-first, it then
-    transposes its input and its input projection runs on a non-contiguous [L,B,D] view, which torch's
-    matmul cannot fold into one product: in bf16 it copies the weight once per caption (measured on
-    ViT-B-32, one thread, 16 short captions: 298 ms -> 72 ms). Sequence-first, the transformer transposes
-    once, contiguously, and every projection is one matrix product. The arithmetic is the same, up to
-    float rounding (tested). Returns whether it was switched.
-    """
-    import torch
-
-    transformer = getattr(model, "transformer", None)
-    blocks = getattr(transformer, "resblocks", None)
-    if blocks is None or not getattr(transformer, "batch_first", False):
-        return False
-    if not all(isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) for b in blocks):
-        return False
-    transformer.batch_first = False
-    for block in blocks:
-        block.attn.batch_first = False
-    return True
-
-
-def can_trim(model) -> bool:
-    """Trimming is exact for open_clip's CLIP text tower: causal mask and pooling at the EOT (argmax) token."""
-    return (hasattr(model, "token_embedding") and getattr(model, "attn_mask", None) is not None
-            and getattr(model, "text_pool_type", "argmax") == "argmax")
-
-
-def encode_text(model, text, trim: bool = True):
-    """(pooled projected features, final-layer token sequence) of open_clip's text tower.
-
-    For the CLIP class with a causal mask and EOT (argmax) pooling, the sequence is cut at the
-    longest caption in the batch: positions after a caption's EOT token never influence it under
-    the causal mask, so the result equals the padded computation (tests check it).
-    """
-    import torch
-    from open_clip.transformer import text_global_pool
-
-    if not hasattr(model, "token_embedding"):  # CustomTextCLIP: the tower is a module of its own
-        tower = model.text
-        previous = getattr(tower, "output_tokens", False)
-        tower.output_tokens = True
-        try:
-            pooled, sequence = tower(text)
-        finally:
-            tower.output_tokens = previous
-        return pooled, sequence
-    attn_mask = model.attn_mask
-    pool_type = getattr(model, "text_pool_type", "argmax")
-    if trim and can_trim(model) and text.shape[0] > 0:
-        length = int(text.argmax(dim=-1).max().item()) + 1
-        text = text[:, :length]
-    length = text.shape[1]
-    if attn_mask is not None and attn_mask.shape[-1] != length:
-        # The causal mask of a shorter sequence is the top-left corner of the full one; contiguous, so that
-        # the attention kernels take it as they take the full mask.
-        attn_mask = attn_mask[:length, :length].contiguous()
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(text).to(cast_dtype)
-    x = x + model.positional_embedding[:length].to(cast_dtype)
-    x = model.transformer(x, attn_mask=attn_mask)
-    sequence = model.ln_final(x)
-    pooled = text_global_pool(sequence, text, pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-    projection = model.text_projection
-    if projection is not None:
-        pooled = projection(pooled) if isinstance(projection, torch.nn.Linear) else pooled @ projection
-    return pooled, sequence
