@@ -14,20 +14,7 @@ strategies); it writes
 Adding a modality is a config edit (a new encoder, the ensemble, this list), not a code change.
 Each row is computed from that row alone. The strategies live in python_backends/strategies/.
 
-Parameters (config.pbtxt):
-
-=================  =====================================================================
-strategy           late | early | hybrid | attention
-modalities         comma-separated modality names, in MODALITY_MASK order (default image,text)
-weights            late, no head: one non-negative weight per modality (default: all 1)
-normalize          late, no head: L2-normalise FUSED (default true)
-head_dir           a trained head (``mmfuse train``): folder with fusion_head.json and
-                   fusion_head.safetensors, relative to the served version folder ("." = it)
-allow_random_init  learned strategies without a head get seeded random weights (tests only)
-seed               seed of that random init
-strategy_options   JSON hyper-parameters for a random-init strategy (must include embed_dim)
-torch_threads      intra-op threads of this model's process (default 0: torch's default)
-=================  =====================================================================
+Parameters: the handler's ``parameters`` (docs/configuration.md is generated from them).
 """
 from __future__ import annotations
 

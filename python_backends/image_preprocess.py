@@ -5,19 +5,7 @@ Decoding is per row and never raises: a row that cannot be used gets a status
 rows are untouched. The pixel transform is open_clip's own inference transform
 for the configured model, so served pixels equal ``preprocess(PIL image)``.
 
-Parameters (config.pbtxt), beside the model ones of python_backends.openclip_models:
-
-===================  ================================================================
-max_image_bytes      encoded size limit per image (default 16 MiB) -> ``too_large``
-max_image_pixels     width*height limit, checked from the header before decoding
-                     (default 40,000,000): decompression bombs -> ``too_large``
-decode_threads       images decoded in parallel per batch (default 2; PIL frees the GIL)
-jpeg_draft           ``true``: decode JPEGs at a reduced size (libjpeg's DCT scaling by 1/2, 1/4
-                     or 1/8, never below the resize target) before open_clip's resize. Much
-                     faster for photos larger than twice the model input, but the pixels are
-                     no longer exactly open_clip's (``mmfuse bench`` measures the difference).
-                     Default ``false``: exact.
-===================  ================================================================
+Parameters: the handler's ``parameters`` (docs/configuration.md is generated from them).
 
 Speed (measured by ``mmfuse bench``): the geometric part of open_clip's transform (resize, crop)
 runs on the PIL image as open_clip runs it; the tail ``ToTensor`` + ``Normalize`` is replaced by a

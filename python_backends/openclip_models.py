@@ -1,20 +1,6 @@
 """open_clip models as configured by config.pbtxt parameters.
 
-Parameters shared by image_preprocess, text_preprocess, image_encoder and text_encoder:
-
-=================  ==========================================================================
-model_name         open_clip architecture (``ViT-B-32``, or ``mmfuse-tiny`` shipped here)
-model_config_file  optional: a JSON open_clip model config to register (relative to the model dir);
-                   its optional "pretrained" object names tags of that model: {"TAG": {"hf_hub":
-                   "org/repo/", "mean": [...], "std": [...]}}, resolved like open_clip's own
-pretrained         weights: an open_clip pretrained tag (``laion2b_s34b_b79k``) or a checkpoint
-                   file (.safetensors preferred; .pt/.pth/.bin loaded with weights_only=True)
-allow_random_init  ``true`` lets a model with no weights load with seeded random weights
-                   (tests, benchmarks). Default ``false``: no weights is a load error.
-seed               seed of that random init (default 0); same seed -> same weights everywhere
-precision          fp32 | bf16 | fp16 (fp16 needs a GPU instance)
-cache_dir          where open_clip caches downloaded pretrained weights
-=================  ==========================================================================
+Parameters: ``CLIP_PARAMETERS`` below, which the handlers' ``parameters`` include (docs/configuration.md).
 """
 from __future__ import annotations
 

@@ -11,16 +11,7 @@ A row is per-row masked, never failing the batch:
 * any other non-finite value (NaN, +-inf) -> ``undecodable``,
 * otherwise ``ok``.
 
-Parameters (config.pbtxt):
-
-==============  ===================================================================
-num_features    F, features per row (required; equals the FEATURES dims in config)
-embed_dim       D, size of EMBEDDING (required; equals the other towers' embed_dim)
-hidden_dim      width of the hidden layer; 0 = a single affine map (default 0)
-seed            seed of the weights (default 0)
-feature_mean    F comma-separated means subtracted first (default all 0)
-feature_scale   F comma-separated positive scales divided by next (default all 1)
-==============  ===================================================================
+Parameters: the handler's ``parameters`` (docs/configuration.md is generated from them).
 """
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
 """UTF-8 strings -> open_clip token ids for the configured model, per row, never failing the batch.
 
-Parameters (config.pbtxt), beside model_name / pretrained / model_config_file / cache_dir:
-
-==============  ===================================================================
-max_text_chars  longer texts are masked with status ``too_large`` (default 4096);
-                texts within the limit are tokenized and cut at the model's context
-                length, exactly as open_clip's tokenizer does
-==============  ===================================================================
+Parameters: the handler's ``parameters`` (docs/configuration.md is generated from them).
 
 open_clip's SimpleTokenizer memoises the BPE of every distinct word it has seen, without bound:
 random words (about 160 bytes of cache each, 30,000 in one 64-row request of 4096-character
