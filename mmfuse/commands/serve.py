@@ -20,10 +20,10 @@ def register(sub) -> None:
                    help="explicit: models can be reloaded live through the repository API")
     p.add_argument("--log-verbose", type=int, default=0)
     p.add_argument("--no-watchdog", action="store_true",
-                   help="do not watch for dead python-model processes (docs/operations.md, "The watchdog")")
+                   help="do not watch for dead python-model processes (docs/operations.md, 'The watchdog')")
     p.add_argument("--response-cache-mb", type=float, default=0.0,
                    help="Triton's local response cache, in MiB (default 0: off); only models whose config.pbtxt has "
-                        "`response_cache { enable: true }` use it (docs/operations.md, "Response cache")")
+                        "`response_cache { enable: true }` use it (docs/operations.md, 'Response cache')")
     p.add_argument("--tls-cert", help="gRPC TLS: server certificate (PEM)")
     p.add_argument("--tls-key", help="gRPC TLS: server private key (PEM)")
     p.add_argument("--tls-ca", help="gRPC TLS: CA certificate (PEM) that signs client certificates")
