@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from mmfuse.wire import decode_strings
+
 log = logging.getLogger("mmfuse")
 
 PREFIX = "mmfuse_"
@@ -82,21 +84,16 @@ def describe(model_name: str, handler: Any) -> tuple[str, str]:
     return model_name, "execute"
 
 
-def _column_strings(array: np.ndarray) -> list[list[str]]:
-    flat = np.asarray(array, dtype=object).reshape(array.shape[0], -1)
-    return [[x.decode() if isinstance(x, bytes) else str(x) for x in row] for row in flat]
-
-
 def count_statuses(outputs: Mapping[str, np.ndarray], modality: str,
                    modalities: tuple[str, ...] | None) -> Counter:
     """{(modality, status): rows} from a STATUS [B,1] or MODALITY_STATUS [B,N] output."""
     counts: Counter = Counter()
     if "MODALITY_STATUS" in outputs and modalities:
-        for row in _column_strings(outputs["MODALITY_STATUS"]):
+        for row in decode_strings(outputs["MODALITY_STATUS"]):
             for name, status in zip(modalities, row):
                 counts[(name, status)] += 1
     elif "STATUS" in outputs:
-        for row in _column_strings(outputs["STATUS"]):
+        for row in decode_strings(outputs["STATUS"]):
             counts[(modality, row[0] if row else "")] += 1
     return counts
 

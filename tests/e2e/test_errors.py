@@ -6,22 +6,18 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from mmfuse.wire import bytes_column, infer_inputs
+
 pytestmark = pytest.mark.e2e
 
 
 def _infer(server, model, inputs):
     c = grpcclient.InferenceServerClient(server.grpc_url)
-    tensors = []
-    for name, array in inputs.items():
-        dtype = "BYTES" if array.dtype == object else grpcclient.np_to_triton_dtype(array.dtype)
-        t = grpcclient.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        tensors.append(t)
-    return c.infer(model, tensors, client_timeout=30)
+    return c.infer(model, infer_inputs(inputs), client_timeout=30)
 
 
 def _text(*items):
-    return np.array([[x] for x in items], dtype=object)
+    return bytes_column(items)
 
 
 def test_wrong_dtype_names_the_tensor(server):

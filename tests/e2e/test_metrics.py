@@ -121,16 +121,12 @@ def test_the_tabular_modality_is_monitored_too(server):
     features = np.ones((3, 8), np.float32)
     features[1] = np.nan
     features[2, 0] = np.inf
-    column = lambda *items: np.array([[x] for x in items], dtype=object)  # noqa: E731
-    arrays = {"IMAGE": column(b"", b"", b""), "TEXT": column(b"a", b"b", b"c"), "FEATURES": features}
+    from mmfuse.wire import bytes_column, infer_inputs
+
+    arrays = {"IMAGE": bytes_column([b"", b"", b""]), "TEXT": bytes_column([b"a", b"b", b"c"]), "FEATURES": features}
     before = scrape(server.metrics_url)
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        inputs = []
-        for name, array in arrays.items():
-            item = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else "FP32")
-            item.set_data_from_numpy(array)
-            inputs.append(item)
-        client.infer("fuse_image_text_tabular", inputs)
+        client.infer("fuse_image_text_tabular", infer_inputs(arrays))
     after = scrape(server.metrics_url)
     rows = "mmfuse_modality_rows_total"
     expected = {"ok": 1, "missing": 1, "undecodable": 1}

@@ -16,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from mmfuse.repository import set_parameters
+from mmfuse.wire import bytes_column, infer_inputs
 from tests.e2e.conftest import start_server, tiny_repository
 
 pytestmark = pytest.mark.e2e
@@ -41,9 +42,7 @@ def counts(client, model: str) -> dict[str, int]:
 
 
 def column(name: str, values: list[bytes]) -> grpcclient.InferInput:
-    tensor = grpcclient.InferInput(name, [len(values), 1], "BYTES")
-    tensor.set_data_from_numpy(np.array([[v] for v in values], dtype=object))
-    return tensor
+    return infer_inputs({name: bytes_column(values)})[0]
 
 
 def jpeg(colour) -> bytes:

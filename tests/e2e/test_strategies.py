@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from mmfuse import shapes
 from mmfuse.repository import load_config
+from mmfuse.wire import bytes_column
 from tests.e2e.conftest import start_server, tiny_repository
 
 pytestmark = pytest.mark.e2e
@@ -102,8 +103,7 @@ def test_strategy_selected_by_parameters_matches_in_process(case, explicit_serve
     images[1], texts[2] = b"", ""  # one row without its image, one without its text
     with MMFuseClient(explicit_server.grpc_url) as client:
         outputs = ["FUSED", "MODALITY_MASK"] + (["SCORE"] if module.has_head else [])
-        columns = {"IMAGE": np.array([[x] for x in images], dtype=object),
-                   "TEXT": np.array([[t.encode()] for t in texts], dtype=object)}
+        columns = {"IMAGE": bytes_column(images), "TEXT": bytes_column(texts)}
         served = client.infer("fuse_image_text", columns, outputs)
 
     embeddings, sequences, masks = in_process

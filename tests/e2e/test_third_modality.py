@@ -21,17 +21,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 def infer(server, images, texts, features):
     import tritonclient.grpc as grpcclient
 
-    column = lambda items: np.array([[x] for x in items], dtype=object)  # noqa: E731
-    arrays = {"IMAGE": column(images), "TEXT": column([t.encode() for t in texts]),
-              "FEATURES": np.asarray(features, np.float32)}
+    from mmfuse.wire import bytes_column, decode_statuses, infer_inputs
+
+    arrays = {"IMAGE": bytes_column(images), "TEXT": bytes_column(texts), "FEATURES": np.asarray(features, np.float32)}
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        inputs = []
-        for name, array in arrays.items():
-            item = grpcclient.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else "FP32")
-            item.set_data_from_numpy(array)
-            inputs.append(item)
-        result = client.infer("fuse_image_text_tabular", inputs)
-    status = [[s.decode() for s in row] for row in result.as_numpy("MODALITY_STATUS")]
+        result = client.infer("fuse_image_text_tabular", infer_inputs(arrays))
+    status = decode_statuses(result.as_numpy("MODALITY_STATUS"))
     return result.as_numpy("FUSED"), result.as_numpy("MODALITY_MASK"), status
 
 

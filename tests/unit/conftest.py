@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from mmfuse.serving.params import ModelContext, Params
+from mmfuse.wire import bytes_column  # noqa: F401 - the tests' TYPE_STRING columns
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -97,14 +98,6 @@ def assert_names(error: BaseException, *fragments: str) -> None:
 
 
 # -- Triton TYPE_STRING columns ---------------------------------------------------------------------------
-def bytes_column(items: Sequence[bytes | str]) -> np.ndarray:
-    """[B] items -> the [B, 1] object array of bytes that Triton delivers for TYPE_STRING dims [1]."""
-    out = np.empty((len(items), 1), dtype=object)
-    for i, item in enumerate(items):
-        out[i, 0] = item.encode() if isinstance(item, str) else item
-    return out
-
-
 def decode_column(array: np.ndarray) -> list[str]:
     return [item.decode() for item in array.reshape(-1)]
 
