@@ -30,3 +30,14 @@ def client_options(args: argparse.Namespace, **overrides):
         tls = TLSOptions(args.tls_ca, args.tls_key, args.tls_cert)
     return ClientOptions(url=args.url, timeout_s=args.timeout, retries=args.retries, compression=args.compression,
                          tls=tls, **overrides)
+
+
+def options_or_report(args: argparse.Namespace, command: str, **overrides):
+    """``client_options``, or None after printing the bad option for ``mmfuse COMMAND`` (exit 2 then)."""
+    import sys
+
+    try:
+        return client_options(args, **overrides)
+    except ValueError as error:
+        print(f"mmfuse {command}: {error}", file=sys.stderr)
+        return None

@@ -143,3 +143,22 @@ class RowWriter:
 
 def decode(items: np.ndarray) -> list[str]:
     return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in items.reshape(-1)]
+
+
+def run_to_writer(command: str, main, writer: RowWriter, done: str) -> int:
+    """Run the asyncio ``main()`` (it returns a Counter of row statuses), close ``writer`` whatever happens,
+    and report: exit 0, or 1 with the client's error."""
+    import asyncio
+
+    from mmfuse.clients import MMFuseClientError
+
+    try:
+        statuses = asyncio.run(main())
+    except MMFuseClientError as error:
+        print(f"mmfuse {command}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        writer.close()
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    print(f"{done} ({summary}) -> {writer.describe()}", file=sys.stderr)
+    return 0

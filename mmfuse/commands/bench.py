@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 
-
 def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(x) for x in text.lower().split("x"))

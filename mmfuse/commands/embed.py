@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 
 from ._client_args import add_connection_args, client_options
-from ._io import InputError, RowWriter, check_output, decode, image_files, text_rows
+from ._io import InputError, RowWriter, check_output, decode, image_files, run_to_writer, text_rows
 
 
 def register(sub) -> None:
@@ -44,7 +44,6 @@ async def embed_rows(client, sources: list[str], load, writer: RowWriter, window
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmfuse.clients import MMFuseClientError
     from mmfuse.clients.embed_image import AsyncEmbedImageClient
     from mmfuse.clients.embed_text import AsyncEmbedTextClient
 
@@ -75,13 +74,4 @@ def run(args: argparse.Namespace) -> int:
                       disable=args.no_progress, dynamic_ncols=True) as bar:
                 return await embed_rows(client, sources, load, writer, args.batch * args.in_flight * 8, bar)
 
-    try:
-        statuses = asyncio.run(main())
-    except MMFuseClientError as error:
-        print(f"mmfuse embed: {error}", file=sys.stderr)
-        return 1
-    finally:
-        writer.close()
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
-    print(f"embedded {len(sources)} {args.modality} rows ({summary}) -> {writer.describe()}", file=sys.stderr)
-    return 0
+    return run_to_writer("embed", main, writer, f"embedded {len(sources)} {args.modality} rows")

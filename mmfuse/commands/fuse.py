@@ -7,7 +7,7 @@ import sys
 from collections import Counter
 
 from ._client_args import add_connection_args, client_options
-from ._io import InputError, RowWriter, check_output, decode, pair_rows
+from ._io import InputError, RowWriter, check_output, decode, pair_rows, run_to_writer
 
 MODALITIES = ("image", "text")  # fuse_image_text's MODALITY_MASK / MODALITY_STATUS order
 
@@ -26,7 +26,6 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmfuse.clients import MMFuseClientError
     from mmfuse.clients.fuse_image_text import AsyncFuseImageTextClient, FuseImageTextRequest
 
     try:
@@ -73,13 +72,4 @@ def run(args: argparse.Namespace) -> int:
                     writer.write(response.fused, out_rows)
         return statuses
 
-    try:
-        statuses = asyncio.run(main())
-    except MMFuseClientError as error:
-        print(f"mmfuse fuse: {error}", file=sys.stderr)
-        return 1
-    finally:
-        writer.close()
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
-    print(f"fused {len(rows)} pairs ({summary}) -> {writer.describe()}", file=sys.stderr)
-    return 0
+    return run_to_writer("fuse", main, writer, f"fused {len(rows)} pairs")

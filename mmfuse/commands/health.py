@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ._client_args import add_connection_args, client_options
+from ._client_args import add_connection_args, options_or_report
 
 
 def register(sub) -> None:
@@ -40,10 +40,8 @@ def check(options) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        options = client_options(args)
-    except ValueError as error:
-        print(f"mmfuse health: {error}", file=sys.stderr)
+    options = options_or_report(args, "health")
+    if options is None:
         return 2
     report = check(options)
     if args.json:

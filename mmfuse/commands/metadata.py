@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ._client_args import add_connection_args, client_options
+from ._client_args import add_connection_args, options_or_report
 
 
 def register(sub) -> None:
@@ -22,10 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from mmfuse.clients._runtime import connect
     from mmfuse.clients.ensembles import SPECS
 
-    try:
-        options = client_options(args)
-    except ValueError as error:
-        print(f"mmfuse metadata: {error}", file=sys.stderr)
+    options = options_or_report(args, "metadata")
+    if options is None:
         return 2
     names = args.ensembles or list(SPECS)
     connection = connect(options)
