@@ -147,6 +147,19 @@ async def generate(send: Callable[[int], Awaitable[Any]], plan: LoadPlan, server
     return result
 
 
+async def _request(send, i: int, since: float, measured: bool, result: LoadResult) -> None:
+    """Send request ``i``; if ``measured``, record its latency from ``since`` or its error."""
+    try:
+        await send(i)
+    except Exception as error:  # noqa: BLE001 - counted by status, reported
+        if measured:
+            result.error(_error_key(error))
+    else:
+        if measured:
+            result.latencies_ms.append((time.perf_counter() - since) * 1e3)
+            result.completed += 1
+
+
 async def _closed(send, plan: LoadPlan, result: LoadResult, server: _Server) -> None:
     started = time.perf_counter()
     window = {"start": started + plan.warmup_s, "open": plan.warmup_s <= 0, "end": None}
@@ -170,16 +183,8 @@ async def _closed(send, plan: LoadPlan, result: LoadResult, server: _Server) -> 
             result.sent += measured
             in_flight += 1
             result.max_in_flight = max(result.max_in_flight, in_flight)
-            t0 = time.perf_counter()
             try:
-                await send(i)
-            except Exception as error:  # noqa: BLE001 - counted by status, reported
-                if measured:
-                    result.error(_error_key(error))
-            else:
-                if measured:
-                    result.latencies_ms.append((time.perf_counter() - t0) * 1e3)
-                    result.completed += 1
+                await _request(send, i, time.perf_counter(), measured, result)
             finally:
                 in_flight -= 1
 
@@ -199,14 +204,7 @@ async def _fixed_rate(send, plan: LoadPlan, result: LoadResult, server: _Server)
     async def one(i: int, due: float, measured: bool) -> None:
         nonlocal in_flight
         try:
-            await send(i)
-        except Exception as error:  # noqa: BLE001 - counted by status, reported
-            if measured:
-                result.error(_error_key(error))
-        else:
-            if measured:
-                result.latencies_ms.append((time.perf_counter() - due) * 1e3)
-                result.completed += 1
+            await _request(send, i, due, measured, result)
         finally:
             in_flight -= 1
 

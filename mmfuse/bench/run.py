@@ -11,15 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..processes import load_average
-from .inprocess import (
-    encoder_steps,
-    measured_ceiling,
-    naive_loop,
-    precision_cost,
-    preprocessing,
-    profile_handlers,
-    text_trimming,
-)
+from . import inprocess
 from .inputs import bench_inputs
 from .limit import machine_info, machine_peak, model_flops, tower_gemm_rate
 from .report import jsonable, summarise, table, write_json
@@ -87,28 +79,29 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
         progress("the image tower's own matrix products ...")
         result["tower_gemm"] = tower_gemm_rate(options.model, precision, batch=4 if options.quick else 8,
                                                seconds=options.seconds / 2)
-        result["encoder_steps"] = encoder_steps(options.model, precision, batch=4 if options.quick else 8,
-                                                seconds=options.seconds)
+        result["encoder_steps"] = inprocess.encoder_steps(options.model, precision, batch=4 if options.quick else 8,
+                                                          seconds=options.seconds)
     gc.collect()  # the models of the step before: one at a time on a small machine
     progress("naive in-process loop (open_clip fp32, one item at a time) ...")
-    result["naive"] = naive_loop(options.model, images, captions, options.naive_items) if cpu else None
+    result["naive"] = inprocess.naive_loop(options.model, images, captions, options.naive_items) if cpu else None
     gc.collect()  # the models of the step before: one at a time on a small machine
     progress("image decoding and resizing ...")
-    result["preprocessing"] = preprocessing(options.model, images, options.seconds)
+    result["preprocessing"] = inprocess.preprocessing(options.model, images, options.seconds)
     gc.collect()  # the models of the step before: one at a time on a small machine
     progress("text: trimmed vs padded ...")
-    result["text_trimming"] = text_trimming(options.model, captions, precision, options.seconds,
-                                            batch=16 if options.quick else 64, device=_torch_device(options.device))
+    result["text_trimming"] = inprocess.text_trimming(options.model, captions, precision, options.seconds,
+                                                      batch=16 if options.quick else 64,
+                                                      device=_torch_device(options.device))
     gc.collect()  # the models of the step before: one at a time on a small machine
     progress("precision ...")
     precisions = ("fp32", "bf16") if cpu else ("fp32", "fp16", "bf16")
     batch = 4 if options.quick else (16 if cpu else 64)
-    result["precision"] = precision_cost(options.model, images, captions, precisions, options.seconds,
-                                         batch=batch, device=_torch_device(options.device))
+    result["precision"] = inprocess.precision_cost(options.model, images, captions, precisions, options.seconds,
+                                                   batch=batch, device=_torch_device(options.device))
     if not cpu:
         progress(f"encoders built from profile {options.profile!r} as Triton builds them ...")
-        result["profile_handlers"] = profile_handlers(options.model, options.profile, images, captions, batch,
-                                                      options.seconds / 2)
+        result["profile_handlers"] = inprocess.profile_handlers(options.model, options.profile, images, captions,
+                                                                batch, options.seconds / 2)
     gc.collect()
     # What the profile serves (the served run reads them back from its generated repository).
     served_tuning = PROFILES[options.profile]
@@ -120,8 +113,9 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     if cpu:
         progress(f"ceiling: decoding + image tower ({engine}, {precision}) on every core, no serving ...")
         try:
-            result["ceiling_measured"] = measured_ceiling(options.model, precision, engine, draft, images,
-                                                          seconds=2 * options.seconds, batch=4 if options.quick else 8)
+            result["ceiling_measured"] = inprocess.measured_ceiling(options.model, precision, engine, draft, images,
+                                                                    seconds=2 * options.seconds,
+                                                                    batch=4 if options.quick else 8)
         except RuntimeError as error:
             progress(f"  not measured: {error}")
         gc.collect()

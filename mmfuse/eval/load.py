@@ -19,40 +19,33 @@ captions, embeddings the server made). What is measured per run:
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 
 from .. import triton_stats
-from ..loadgen import LoadPlan, run_triton
+from ..loadgen import LoadPlan, LoadResult, run_triton
 from ..wire import bytes_column
 
 FUSION_MODELS = ("fusion", "fusion_pooled", "fusion_image_text_tabular")
 
 
-@dataclass
-class Run:
-    ensemble: str
-    mode: str  # closed | open
-    load: float  # concurrency (closed) or requests per second (open)
-    sent: int = 0
-    completed: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list, repr=False)
-    max_in_flight: int = 0
-    late_sends: int = 0  # open loop: sends more than 5 ms behind schedule
-    rss_idle: int | None = None
-    rss_peak: int | None = None
-    pss_idle: int | None = None
-    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ensemble_stats: dict[str, Any] = field(default_factory=dict)
+class Run(LoadResult):
+    """One load run of an ensemble: mmfuse.loadgen's figures, the load that made them, Triton's statistics."""
+
+    def __init__(self, ensemble: str, mode: str, load: float, **figures: Any):
+        super().__init__(**figures)
+        self.ensemble = ensemble
+        self.mode = mode  # closed | open
+        self.load = load  # concurrency (closed) or requests per second (open)
+        self.steps: dict[str, dict[str, Any]] = {}  # composing model -> mmfuse.triton_stats delta
+        self.ensemble_stats: dict[str, Any] = {}
 
     def summary(self) -> dict[str, Any]:
-        lat = np.asarray(self.latencies_ms, dtype=np.float64)
-        pct = (lambda q: round(float(np.percentile(lat, q)), 3)) if len(lat) else (lambda q: None)
+        latency = {k: round(v, 3) if math.isfinite(v) else None for k, v in self.percentiles_ms().items()}
         per_request = None
         if self.rss_idle is not None and self.rss_peak is not None and self.max_in_flight:
             per_request = max(0, self.rss_peak - self.rss_idle) / self.max_in_flight
@@ -67,8 +60,7 @@ class Run:
             "sent": self.sent, "completed": self.completed, "errors": dict(self.errors),
             "seconds": round(self.seconds, 6),
             "throughput_per_s": round(self.completed / self.seconds, 3) if self.seconds else None,
-            "latency_ms": {"p50": pct(50), "p95": pct(95), "p99": pct(99),
-                           "mean": round(float(lat.mean()), 3) if len(lat) else None},
+            "latency_ms": latency,
             "max_in_flight": self.max_in_flight, "late_sends": self.late_sends,
             "memory": {"idle_pss_bytes": self.pss_idle, "idle_rss_bytes": self.rss_idle,
                        "peak_rss_bytes": self.rss_peak,
@@ -134,10 +126,7 @@ def measure(client, url: str, ensemble: str, pool: list, outputs: Sequence[str],
     before = triton_stats.snapshot(client)
     result = run_triton(url, ensemble, pool, outputs, plan, server_pid, sample_memory=True)
     stats = triton_stats.delta(before, triton_stats.snapshot(client), models)
-    run = Run(ensemble, mode, load, sent=result.sent, completed=result.completed, errors=dict(result.errors),
-              seconds=result.seconds, latencies_ms=result.latencies_ms, max_in_flight=result.max_in_flight,
-              late_sends=result.late_sends, rss_idle=result.rss_idle, rss_peak=result.rss_peak,
-              pss_idle=result.pss_idle)
+    run = Run(ensemble, mode, load, **{f.name: getattr(result, f.name) for f in fields(LoadResult)})
     run.ensemble_stats = stats.pop(ensemble)
     run.steps = stats
     return run
