@@ -93,9 +93,20 @@ class FusionConfig:
             head_dir = (base / head).resolve() if not Path(head).is_absolute() else Path(head)
         options = params.str("strategy_options", "{}") or "{}"
         try:
-            json.loads(options)
+            parsed = json.loads(options)
         except ValueError:
             raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' is not JSON: {options!r}") from None
+        if not isinstance(parsed, dict):
+            raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' must be a JSON object: "
+                              f"{options!r}")
+        if parsed:  # a typo must fail here, offline, not when the server builds the strategy
+            from .strategies.base import hyperparameters
+
+            known = hyperparameters(strategy)
+            unknown = sorted(set(parsed) - set(known))
+            if unknown:
+                raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' sets {', '.join(unknown)}, "
+                                  f"which strategy {strategy!r} does not take; it takes: {', '.join(known)}")
         return cls(strategy, modalities, weights, params.bool("normalize", True), head_dir,
                    params.bool("allow_random_init", False), params.int("seed", 0, minimum=0), options,
                    params.int("torch_threads", 0, minimum=0))

@@ -91,12 +91,25 @@ def register(cls: type[FusionStrategy]) -> type[FusionStrategy]:
     return cls
 
 
-def build(name: str, modalities: tuple[str, ...], embed_dim: int, **hparams: Any) -> FusionStrategy:
+def strategy_class(name: str) -> type[FusionStrategy]:
     from . import attention, early, hybrid, late  # noqa: F401 - registration
 
     if name not in STRATEGIES:
         raise KeyError(f"unknown fusion strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    return STRATEGIES[name](tuple(modalities), embed_dim, **hparams)
+    return STRATEGIES[name]
+
+
+def hyperparameters(name: str) -> list[str]:
+    """The keyword hyper-parameters strategy ``name`` takes (what ``strategy_options`` may set)."""
+    import inspect
+
+    parameters = inspect.signature(strategy_class(name).__init__).parameters
+    return [p for p in parameters if p not in ("self", "modalities")
+            and parameters[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+
+
+def build(name: str, modalities: tuple[str, ...], embed_dim: int, **hparams: Any) -> FusionStrategy:
+    return strategy_class(name)(tuple(modalities), embed_dim, **hparams)
 
 
 def save_head(strategy: FusionStrategy, directory: Path, extra: dict[str, Any] | None = None) -> Path:

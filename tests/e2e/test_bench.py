@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
@@ -89,5 +89,5 @@ def test_limit_ratios_and_statistics_are_consistent(quick_run):
     assert s["ceiling_measured"]["served_over_ceiling"] == pytest.approx(
         s["embed_image"]["served_per_s"] / measured["embed_image_per_s"])
     for model in ("image_encoder", "text_encoder"):
-        assert "# mmfuse bench profile 'cpu'" in result["configs"][model]
+        assert "# mmfuse profile 'cpu'" in result["configs"][model]
         assert 'string_value: "bf16"' in result["configs"][model]

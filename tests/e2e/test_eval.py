@@ -30,7 +30,7 @@ from mmfuse import shapes
 from mmfuse.eval import corruptions as C
 from tests.e2e.conftest import Reference, tiny_repository
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]  # the first test waits for the whole `mmfuse eval --quick`
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]  # the first test waits for the whole `mmfuse eval --quick`
 
 SEED = 11
 HEADS = {

@@ -289,3 +289,15 @@ def test_third_modality_needs_no_code_change():
     np.testing.assert_array_equal(out["MODALITY_MASK"], mask)
     assert statuses_of(out) == [["ok", "ok", "ok"], ["missing", "ok", "ok"], ["ok", "missing", "ok"],
                                 ["missing", "missing", "missing"]]
+
+
+def test_an_unknown_strategy_option_is_refused_when_parsed():
+    from mmfuse.serving.errors import ConfigError
+    from mmfuse.serving.fusion import FusionConfig
+    from mmfuse.serving.params import Params
+
+    params = Params("fusion", {"strategy": "early", "strategy_options": '{"embed_dim": 64, "hiden": 32}'})
+    with pytest.raises(ConfigError, match=r"sets hiden, which strategy 'early' does not take; it takes: embed_dim, hidden"):
+        FusionConfig.from_params(params)
+    ok = Params("fusion", {"strategy": "early", "strategy_options": '{"embed_dim": 64, "hidden": 32}'})
+    assert FusionConfig.from_params(ok).strategy == "early"
