@@ -28,8 +28,8 @@ dropout_text    text   the text removed with probability p
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

@@ -18,7 +18,7 @@ accuracy**: 0.5 x positives + 0.5 x the mean over the negative kinds, whose chan
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 

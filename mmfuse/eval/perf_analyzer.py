@@ -12,8 +12,9 @@ from __future__ import annotations
 import base64
 import json
 import struct
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np  # noqa: F401 - pools hold numpy arrays
 

@@ -15,9 +15,10 @@ Beside the strategies:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +37,7 @@ class Dataset:
     kinds: list[str]
 
     @classmethod
-    def generate(cls, per_kind: int, seed: int) -> "Dataset":
+    def generate(cls, per_kind: int, seed: int) -> Dataset:
         examples = shapes.balanced(per_kind, seed)
         return cls([shapes.png_bytes(e.image) for e in examples], [e.caption for e in examples],
                    [e.label for e in examples], [e.kind for e in examples])
@@ -202,7 +203,7 @@ def compare(strategies: dict[str, dict], single: dict[str, dict], baseline: str 
     best_clean = max(single["image"]["clean"]["balanced"], single["text"]["clean"]["balanced"])
     best_clean_se = next(s["clean"]["se"] for s in (single["image"], single["text"])
                          if s["clean"]["balanced"] == best_clean)
-    for name, fig in strategies.items():
+    for fig in strategies.values():
         flags = []
         for corruption in names:
             curve = fig["curves"][corruption]

@@ -45,10 +45,10 @@ TOL = 2e-6  # report.json rounds its figures to 6 decimals
 
 @pytest.fixture(scope="module")
 def eval_repository(tmp_path_factory, checkpoint) -> Path:
+    import shutil
+
     from mmfuse.export import export_head
     from mmfuse.serving.strategies import build
-
-    import shutil
 
     repo = tiny_repository(tmp_path_factory.mktemp("eval") / "repo", checkpoint)
     for version in (repo / "fusion").iterdir():  # the shipped repository's own heads: not for these encoders
@@ -104,8 +104,8 @@ def expected_scores(report, checkpoint, eval_repository) -> dict[str, dict[str, 
     """SCORE of every head under every condition, computed in this process."""
     import open_clip
 
-    from mmfuse.training import Encoders, create_clip
     from mmfuse.serving.strategies import FusionBatch, load_head
+    from mmfuse.training import Encoders, create_clip
 
     rob = report["robustness"]
     assert rob["dataset"]["per_kind"] == 4 and rob["levels"] == [0.0, 0.5, 1.0]
@@ -192,7 +192,7 @@ def test_accuracy_curves_auc_and_effective_robustness(report, expected_scores):
             assert curve["balanced"] == pytest.approx(balanced, abs=TOL)
             assert curve["relative_robustness"] == pytest.approx(float(np.trapz(balanced, [0.0, 0.5, 1.0])), abs=TOL)
             late = [_accuracy(expected_scores["late"][k], labels, kinds)["balanced"] for k in keys]
-            shifted = [b - (l - late[0] + balanced[0]) for b, l in zip(balanced, late)]
+            shifted = [b - (lv - late[0] + balanced[0]) for b, lv in zip(balanced, late)]
             assert curve["effective_robustness"] == pytest.approx(shifted, abs=TOL)
             if strategy == "late":
                 assert curve["effective_robustness"] == pytest.approx([0.0, 0.0, 0.0])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+
 import tomllib
 
 from tests.paths import REPO_ROOT
