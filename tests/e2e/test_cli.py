@@ -10,7 +10,7 @@ import pytest
 
 from mmfuse.server import free_port, is_ready
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 
 def test_serve_runs_in_the_foreground_and_exits_cleanly_on_sigterm(tmp_path):

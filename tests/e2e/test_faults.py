@@ -33,7 +33,7 @@ from tests.corpus import POISONS_TRITON_2_51, all_request_cases, clean_jpeg
 from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 LOOPBACK = ["--grpc-address=127.0.0.1", "--http-address=127.0.0.1", "--metrics-address=127.0.0.1"]
 

@@ -21,7 +21,7 @@ from tests.e2e.test_generated_clients import assert_matches_spec, assert_same, r
 from tests.unit.test_codegen import CLIENTS as CLIENTS_DIR
 from tests.unit.test_codegen import add_new_ensemble, import_package
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 NEW = "tokenize-text"
 

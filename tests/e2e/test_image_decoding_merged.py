@@ -15,7 +15,7 @@ from mmfuse.repository import load_config, merge_image_decoding, set_parameters
 from tests.conftest import encode
 from tests.e2e.conftest import cosine, start_server, tiny_repository
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 CAPTIONS = ["an astronaut in a white suit", "a cup of coffee on a saucer", "a cat"]
 

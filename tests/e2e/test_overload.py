@@ -12,7 +12,7 @@ from tests.conftest import encode
 from tests.e2e.conftest import start_server
 from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from tests.conftest import encode
 from tests.e2e.conftest import cosine, start_server
 from tests.paths import SHIPPED_REPOSITORY as DEFAULT_MODEL_REPOSITORY
 
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")

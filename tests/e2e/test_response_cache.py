@@ -19,7 +19,7 @@ from mmfuse.repository import set_parameters
 from mmfuse.wire import bytes_column, infer_inputs
 from tests.e2e.conftest import start_server, tiny_repository
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 CACHED = ("image_preprocess", "text_preprocess", "text_encoder")
 

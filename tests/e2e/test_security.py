@@ -18,7 +18,7 @@ from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire, statuses
 from tests.paths import REPO_ROOT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 
 class Counting(http.server.BaseHTTPRequestHandler):

@@ -18,7 +18,7 @@ from mmfuse.repository import load_config
 from mmfuse.wire import bytes_column
 from tests.e2e.conftest import start_server, tiny_repository
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 SEED = 7
 CASES = {

@@ -21,7 +21,7 @@ from tests.e2e.conftest import start_server
 from tests.e2e.wire import Wire
 from tests.paths import REPO_ROOT
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # starts a tritonserver of its own
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
 COMPOSE_TLS = REPO_ROOT / "deploy" / "docker-compose.tls.yml"
