@@ -99,7 +99,8 @@ class FusionConfig:
         if not isinstance(parsed, dict):
             raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' must be a JSON object: "
                               f"{options!r}")
-        if parsed:  # a typo must fail here, offline, not when the server builds the strategy
+        random_init = params.bool("allow_random_init", False)
+        if parsed and random_init and head_dir is None:  # the options are used: a typo fails here, offline
             from .strategies.base import hyperparameters
 
             known = hyperparameters(strategy)
@@ -108,7 +109,7 @@ class FusionConfig:
                 raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' sets {', '.join(unknown)}, "
                                   f"which strategy {strategy!r} does not take; it takes: {', '.join(known)}")
         return cls(strategy, modalities, weights, params.bool("normalize", True), head_dir,
-                   params.bool("allow_random_init", False), params.int("seed", 0, minimum=0), options,
+                   random_init, params.int("seed", 0, minimum=0), options,
                    params.int("torch_threads", 0, minimum=0))
 
 
@@ -162,7 +163,8 @@ class FusionHandler(Handler):
                     "relative to the served version folder (\".\" = that folder)",
         "allow_random_init": "learned strategies without a head get seeded random weights (tests only)",
         "seed": "seed of that random init",
-        "strategy_options": "JSON hyper-parameters of a random-init strategy (must include embed_dim)",
+        "strategy_options": "JSON hyper-parameters of a random-init strategy (must include embed_dim; a key the "
+                            "strategy does not take is refused); ignored with a head",
         "torch_threads": "intra-op threads of this model's process (0: torch's default)",
     }
 

@@ -296,8 +296,14 @@ def test_an_unknown_strategy_option_is_refused_when_parsed():
     from mmfuse.serving.fusion import FusionConfig
     from mmfuse.serving.params import Params
 
-    params = Params("fusion", {"strategy": "early", "strategy_options": '{"embed_dim": 64, "hiden": 32}'})
+    params = Params("fusion", {"strategy": "early", "allow_random_init": "true",
+                               "strategy_options": '{"embed_dim": 64, "hiden": 32}'})
     with pytest.raises(ConfigError, match=r"sets hiden, which strategy 'early' does not take; it takes: embed_dim, hidden"):
         FusionConfig.from_params(params)
-    ok = Params("fusion", {"strategy": "early", "strategy_options": '{"embed_dim": 64, "hidden": 32}'})
+    ok = Params("fusion", {"strategy": "early", "allow_random_init": "true",
+                           "strategy_options": '{"embed_dim": 64, "hidden": 32}'})
     assert FusionConfig.from_params(ok).strategy == "early"
+    # With a trained head the options are not used, so they are not checked against the strategy.
+    with_head = Params("fusion", {"strategy": "attention", "head_dir": "/heads/attention",
+                                  "strategy_options": '{"embed_dim": 64, "gate": "gmu"}'})
+    assert FusionConfig.from_params(with_head).strategy == "attention"
