@@ -162,3 +162,14 @@ def run_to_writer(command: str, main, writer: RowWriter, done: str) -> int:
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     print(f"{done} ({summary}) -> {writer.describe()}", file=sys.stderr)
     return 0
+
+
+def add_batch_args(p) -> None:
+    """The output, batching, progress and connection options of the commands that stream rows (embed, fuse)."""
+    from ._client_args import add_connection_args
+
+    p.add_argument("--out", required=True, help="FILE.npy (float32 [N, D] + FILE.rows.jsonl) or FILE.jsonl")
+    p.add_argument("--batch", type=int, default=16, help="rows per request (default 16)")
+    p.add_argument("--in-flight", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_connection_args(p)

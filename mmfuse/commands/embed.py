@@ -6,8 +6,8 @@ import asyncio
 import sys
 from collections import Counter
 
-from ._client_args import add_connection_args, client_options
-from ._io import InputError, RowWriter, check_output, decode, image_files, run_to_writer, text_rows
+from ._client_args import client_options
+from ._io import InputError, RowWriter, add_batch_args, check_output, decode, image_files, run_to_writer, text_rows
 
 
 def register(sub) -> None:
@@ -17,11 +17,7 @@ def register(sub) -> None:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="image: files or folders (recursive); text: files with one text per line, folders of "
                         ".txt files, or - for stdin")
-    p.add_argument("--out", required=True, help="FILE.npy (float32 [N, D] + FILE.rows.jsonl) or FILE.jsonl")
-    p.add_argument("--batch", type=int, default=16, help="rows per request (default 16)")
-    p.add_argument("--in-flight", type=int, default=4, help="requests in flight at once (default 4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_connection_args(p)
+    add_batch_args(p)
     p.set_defaults(func=run)
 
 

@@ -6,8 +6,8 @@ import asyncio
 import sys
 from collections import Counter
 
-from ._client_args import add_connection_args, client_options
-from ._io import InputError, RowWriter, check_output, decode, pair_rows, run_to_writer
+from ._client_args import client_options
+from ._io import InputError, RowWriter, add_batch_args, check_output, decode, pair_rows, run_to_writer
 
 MODALITIES = ("image", "text")  # fuse_image_text's MODALITY_MASK / MODALITY_STATUS order
 
@@ -17,11 +17,7 @@ def register(sub) -> None:
                                     "through fuse_image_text into .npy or JSONL")
     p.add_argument("pairs", help='JSONL with {"image": path or null, "text": str or null} per line (paths relative '
                                  "to the file), or a folder where cat.jpg pairs with cat.txt")
-    p.add_argument("--out", required=True, help="FILE.npy (float32 [N, D] + FILE.rows.jsonl) or FILE.jsonl")
-    p.add_argument("--batch", type=int, default=16, help="rows per request (default 16)")
-    p.add_argument("--in-flight", type=int, default=4, help="requests in flight at once (default 4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_connection_args(p)
+    add_batch_args(p)
     p.set_defaults(func=run)
 
 
