@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import warnings
 from collections.abc import Callable, Mapping
@@ -93,6 +94,48 @@ def draft_size(width: int, height: int, size, resize_mode: str = "shortest") -> 
     return max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))
 
 
+# Base64 as JSON clients send it (Triton's HTTP/REST endpoint carries BYTES elements as strings): the alphabet,
+# optional padding and line breaks. Raw image bytes never match: every decoded format starts with bytes outside it.
+_BASE64 = re.compile(rb"[A-Za-z0-9+/\s]+={0,2}\s*")
+_DATA_URI = re.compile(rb"data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*)(;base64)?,", re.IGNORECASE)
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def unwrap_base64(data: bytes, limits: ImageLimits = ImageLimits()) -> bytes:
+    """The image inside a ``data:image/...;base64,`` URI or a plain base64 string; other bytes unchanged.
+
+    A data URI that is not base64, or whose payload is not valid base64, is ``undecodable``; a plain string
+    counts as base64 only when it decodes to an image's magic bytes. The encoded text is bounded by
+    ``max_image_bytes`` (4/3 of it, as base64 grows) before anything is decoded.
+    """
+    import base64
+    import binascii
+
+    head = data[:5].lower()
+    if head != b"data:" and not _BASE64.fullmatch(data[:4096]):
+        return data
+    if len(data) > limits.max_image_bytes * 4 // 3 + 4096:
+        raise ImageRejected(TOO_LARGE, f"{len(data)} bytes of base64 > max_image_bytes {limits.max_image_bytes}")
+    if head == b"data:":
+        header = _DATA_URI.match(data)
+        if header is None or header.group(3) is None:
+            raise ImageRejected(UNDECODABLE, "a data URI that is not ;base64")
+        payload = data[header.end():]
+    elif _BASE64.fullmatch(data):
+        payload = data
+    else:
+        return data
+    try:
+        decoded = base64.b64decode(b"".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        if head == b"data:":
+            raise ImageRejected(UNDECODABLE, "a data URI whose payload is not base64") from None
+        return data
+    if head != b"data:" and not decoded.startswith(_IMAGE_MAGIC) and decoded[8:12] != b"WEBP":
+        return data  # text that happens to be base64-shaped: not an image either way
+    return decoded
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), resize_to=None, resize_mode: str = "shortest",
                  jpeg_draft: bool = False):
     """Bytes -> an RGB PIL image (first frame, EXIF orientation applied). Raises ImageRejected.
@@ -105,6 +148,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits(), resize_to=Non
 
     if not data:
         raise ImageRejected(MISSING)
+    data = unwrap_base64(data, limits)
     if len(data) > limits.max_image_bytes:
         raise ImageRejected(TOO_LARGE, f"{len(data)} bytes > max_image_bytes {limits.max_image_bytes}")
     try:

@@ -272,6 +272,44 @@ def test_over_max_image_bytes(preprocessors, photos):
     assert decode_column(run(handler, [data])["STATUS"]) == ["ok"]
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+def test_base64_and_data_uris_give_the_raw_images_pixels(preprocessors, photos, fmt):
+    """What a JSON client over Triton's HTTP/REST endpoint can send: base64 text, or a data URI."""
+    import base64
+
+    raw = encode(photos["chelsea"], fmt)
+    text = base64.b64encode(raw)
+    mime = f"image/{fmt.lower()}".encode()
+    rows = [raw, text, base64.encodebytes(raw), b"data:" + mime + b";base64," + text,
+            b"DATA:" + mime + b";name=cat.img;base64," + base64.encodebytes(raw)]
+    out = run(preprocessors(), rows)
+    assert decode_column(out["STATUS"]) == ["ok"] * len(rows)
+    for i in range(1, len(rows)):
+        np.testing.assert_array_equal(out["PIXELS"][i], out["PIXELS"][0])
+
+
+@pytest.mark.parametrize("data, status", [
+    (b"data:image/png,not-base64", "undecodable"),
+    (b"data:image/png;base64,@@not base64@@", "undecodable"),
+    (b"data:text/plain;base64,aGVsbG8gd29ybGQ=", "undecodable"),  # base64 of text, not of an image
+    (b"aGVsbG8gd29ybGQ=", "undecodable"),  # plain base64 of text
+])
+def test_text_that_is_not_an_image_stays_undecodable(preprocessors, data, status):
+    assert decode_column(run(preprocessors(), [data])["STATUS"]) == [status]
+
+
+def test_base64_is_bounded_by_max_image_bytes_before_decoding(preprocessors, photos):
+    import base64
+
+    raw = encode(photos["astronaut"], "PNG")
+    handler = preprocessors(limits=ImageLimits(max_image_bytes=len(raw) - 1))
+    assert decode_column(run(handler, [base64.b64encode(raw)])["STATUS"]) == ["too_large"]
+    handler = preprocessors(limits=ImageLimits(max_image_bytes=len(raw)))
+    assert decode_column(run(handler, [b"data:image/png;base64," + base64.b64encode(raw)])["STATUS"]) == ["ok"]
+    tiny = preprocessors(limits=ImageLimits(max_image_bytes=1000))
+    assert decode_column(run(tiny, [b"A" * 100_000])["STATUS"]) == ["too_large"]  # never decoded
+
+
 @pytest.mark.parametrize("name, make, status", [
     ("empty", lambda photos: b"", "missing"),
     ("truncated-jpeg", lambda photos: encode(photos["coffee"], "JPEG")[:5000], "undecodable"),
