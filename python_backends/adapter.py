@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError, InternalError, InvalidInputError, MMFuseError
-from .handler import Handler, InputSpec, handler_of, undeclared_inputs
+from .handler import Handler, InputSpec, check_config, undeclared_inputs
 from .metrics import ModelMetrics
 from .params import ModelContext, Params
 
@@ -107,14 +107,17 @@ class TritonAdapter:
         self.context = ModelContext.from_triton_args(args)
         self.model_name = self.context.model_name
         params = Params.from_model_config(self.model_name, config)
-        if factory is None:  # the handler config.pbtxt names (parameter "handler")
-            factory = handler_of(params).from_parameters
-        self.handler = factory(self.context, params)
-        params.reject_unknown()
-        undeclared = undeclared_inputs(self.model_name, self.handler.inputs, [t["name"] for t in config.get("input", [])],
-                                       type(self.handler).__name__)
-        if undeclared:  # every request would fail: fail the load instead, saying why
-            raise ConfigError("; ".join(undeclared))
+        declared = [t["name"] for t in config.get("input", [])]
+        if factory is None:  # the handler config.pbtxt names: its config checked in full before any weights load
+            handler_class, parsed = check_config(self.context, params, declared,
+                                                 [t["name"] for t in config.get("output", [])])
+            self.handler = handler_class.build(self.context, parsed)
+        else:  # a factory of a model.py of your own
+            self.handler = factory(self.context, params)
+            params.reject_unknown()
+            undeclared = undeclared_inputs(self.model_name, self.handler.inputs, declared, type(self.handler).__name__)
+            if undeclared:  # every request would fail: fail the load instead, saying why
+                raise ConfigError("; ".join(undeclared))
         self.output_dtypes = {
             out["name"]: pb.triton_string_to_numpy(out["data_type"]) for out in config.get("output", [])
         }

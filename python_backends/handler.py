@@ -56,8 +56,9 @@ class InputSpec:
 
 
 class Handler(ABC):
-    """Base class of every handler. Subclasses set ``name``, ``metrics_labels`` and implement the
-    four class methods and ``__call__``."""
+    """Base class of every handler. Subclasses set ``name``, ``metrics_labels``, ``parameters`` (and
+    ``INPUTS``/``OUTPUTS`` or the methods that derive them from the config) and implement ``parse``,
+    ``build`` and ``__call__``."""
 
     #: The name config.pbtxt's ``handler`` parameter uses.
     name: ClassVar[str]

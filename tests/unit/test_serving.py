@@ -375,3 +375,22 @@ def test_a_required_input_the_config_does_not_declare_fails_the_load(open_clip_t
     with pytest.raises(ConfigError) as info:
         TritonAdapter(FakePbUtils, triton_args("image_encoder", config), ImageEncoder.from_parameters)
     assert_names(info.value, "image_encoder", "'IMAGE'", "PIXELS", "decode_images")
+
+
+def test_the_adapter_builds_the_handler_config_pbtxt_names():
+    adapter = TritonAdapter(FakePbUtils, triton_args("fusion_pooled"))
+    assert type(adapter.handler).__name__ == "FusionHandler" and adapter.handler.config.strategy == "late"
+
+
+def test_a_bad_config_fails_the_load_before_the_handler_is_built(monkeypatch):
+    from mmfuse.serving import fusion
+    from mmfuse.serving.errors import ConfigError
+
+    def never(*args, **kwargs):
+        raise AssertionError("a config with an unknown key must not get as far as building the handler")
+
+    monkeypatch.setattr(fusion.FusionHandler, "build", classmethod(never))
+    config = load_model_config("fusion_pooled")
+    config["parameters"]["wieghts"] = {"string_value": "1,1"}
+    with pytest.raises(ConfigError, match="unknown parameter.*wieghts"):
+        TritonAdapter(FakePbUtils, triton_args("fusion_pooled", config))
