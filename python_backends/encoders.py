@@ -9,25 +9,7 @@ EMBEDDING is L2-normalised, float32 whatever the compute precision. SEQUENCE (th
 token sequence of the tower's last layer, for attention fusion) is returned only
 when a caller asks for it.
 
-Parameters: those of python_backends.openclip_models, plus
-
-================  ===============================================================
-torch_threads     intra-op threads per instance (default 0: torch's default);
-                  with engine openvino, its inference threads
-trim_text_tokens  text: run the transformer only up to the longest real caption
-                  in the batch (default true; exact under the causal mask)
-engine            ``torch`` (default) or ``openvino``: the same open_clip tower,
-                  traced and compiled by OpenVINO's CPU plugin at load (fp32 or
-                  bf16, KIND_CPU; the text tower keeps its trimming: one graph for
-                  every length; README "Performance" has the figures)
-decode_images     image: ``true``: the encoder takes the encoded images (IMAGE) and
-                  decodes them itself, as image_preprocess would (its parameters
-                  apply: max_image_bytes, max_image_pixels, decode_threads,
-                  jpeg_draft), and answers VALID and STATUS as well. One process
-                  instead of two: the pixel tensor never crosses a process
-                  boundary. ``mmfuse.repository.merge_image_decoding`` rewrites a
-                  repository for it (default ``false``)
-================  ===============================================================
+Parameters: each handler's ``parameters`` (docs/configuration.md is generated from them).
 """
 from __future__ import annotations
 
