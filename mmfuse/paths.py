@@ -13,10 +13,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_MODEL_REPOSITORY = Path("model_repository")
 
 
-def default_model_repository() -> Path:
-    return DEFAULT_MODEL_REPOSITORY
-
-
 def shipped_repository() -> Path:
     """The demo repository mmfuse ships (the template of ``mmfuse init``): in the wheel it is
     ``mmfuse/model_repository``; in a checkout, the top-level ``model_repository/``."""

@@ -22,17 +22,17 @@ from .paths import shipped_repository
 #: The models ``mmfuse init`` writes (the third-modality example is left out: its encoder is per-dataset).
 INIT_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder", "fusion", "fusion_pooled",
                "embed_image", "embed_text", "fuse_image_text", "fuse_embeddings")
-OPEN_CLIP_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder")
 FUSION_MODELS = ("fusion", "fusion_pooled")
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
 class InitError(ValueError):
     """The repository cannot be written as asked (the message says why); nothing was left on disk."""
 
 
-def _is_file_reference(pretrained: str) -> bool:
-    return "/" in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES) or Path(pretrained).is_file()
+def _is_file_reference(model: str, pretrained: str) -> bool:
+    from .serving.openclip_models import ClipSpec
+
+    return ClipSpec(model, pretrained).is_checkpoint_file or Path(pretrained).is_file()
 
 
 def _copy_template(source: Path, target: Path) -> None:
@@ -57,7 +57,7 @@ def init_repository(target: Path, model: str, pretrained: str, profile: str = "b
     architecture open_clip does not ship (copied too). ``strategy``: ``late`` (no head) or any strategy of
     ``mmfuse.serving.fusion`` with ``allow_random_init`` (untrained: tests and benchmarks only).
     """
-    from .export import set_fusion_head
+    from .export import OPEN_CLIP_MODELS, export_encoders, set_fusion_head
     from .profiles import apply_profile, load_profile
     from .reconfigure import validate_repository
     from .repository import set_parameters, set_sequence_routing
@@ -73,12 +73,12 @@ def init_repository(target: Path, model: str, pretrained: str, profile: str = "b
         target.mkdir(parents=True, exist_ok=True)
         _copy_template(shipped_repository(), target)
         values = {"model_name": model, "pretrained": pretrained}
-        if pretrained and _is_file_reference(pretrained):
+        if pretrained and _is_file_reference(model, pretrained):
             checkpoint = Path(pretrained).expanduser()
             if not checkpoint.is_file():
                 raise InitError(f"checkpoint file {checkpoint} does not exist")
-            shutil.copy2(checkpoint, target / "image_encoder" / checkpoint.name)
-            values["pretrained"] = f"../image_encoder/{checkpoint.name}"  # the same string from every model folder
+            # Copied into the repository; the four models name it by the same relative path.
+            values["pretrained"] = export_encoders(target, checkpoint, model)
         if model_config is not None:
             if not Path(model_config).is_file():
                 raise InitError(f"model config file {model_config} does not exist")

@@ -56,6 +56,7 @@ def _parse_engine(context: ModelContext, params: Params) -> str:
 
 
 _SEQUENCE_OUTPUTS = ("EMBEDDING", "SEQUENCE", "SEQUENCE_MASK")
+THREADS_PARAMETER = "intra-op threads per instance (0: torch's default); with engine openvino, its inference threads"
 
 
 def _normalised(pooled: np.ndarray) -> np.ndarray:
@@ -78,8 +79,7 @@ class ImageEncoder(Handler):
         **CLIP_PARAMETERS,
         "engine": "torch, or openvino: the same open_clip tower traced and compiled by OpenVINO's CPU plugin at "
                   "load (fp32 or bf16, KIND_CPU only)",
-        "torch_threads": "intra-op threads per instance (0: torch's default); with engine openvino, its inference "
-                         "threads",
+        "torch_threads": THREADS_PARAMETER,
         "decode_images": "true: the encoder takes IMAGE (encoded bytes), decodes as image_preprocess would (its "
                          "parameters below apply) and answers VALID and STATUS too: one process instead of two",
         **{k: v for k, v in ImagePreprocessor.parameters.items() if k not in CLIP_PARAMETERS},
@@ -201,8 +201,7 @@ class TextEncoder(Handler):
     parameters = {
         **CLIP_PARAMETERS,
         "engine": "torch, or openvino: one traced graph for every trimmed length (KIND_CPU only)",
-        "torch_threads": "intra-op threads per instance (0: torch's default); with engine openvino, its inference "
-                         "threads",
+        "torch_threads": THREADS_PARAMETER,
         "trim_text_tokens": "run the transformer only up to the longest real caption of the batch (exact under the "
                             "causal mask)",
     }

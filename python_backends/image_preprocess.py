@@ -36,7 +36,7 @@ import numpy as np
 from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
 
 from .handler import Handler, InputSpec
-from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, PREPROCESS_CLIP_KEYS, ClipSpec, preprocess_config
+from .openclip_models import CLIP_DOC_EXAMPLE, PREPROCESS_CLIP_PARAMETERS, ClipSpec, preprocess_config
 from .params import ModelContext, Params
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 1024 * 1024
@@ -238,7 +238,7 @@ class ImagePreprocessor(Handler):
     INPUTS = (InputSpec("IMAGE", "O", row_rank=1),)
     OUTPUTS = ("PIXELS", "VALID", "STATUS")
     parameters = {
-        **{k: v for k, v in CLIP_PARAMETERS.items() if k in PREPROCESS_CLIP_KEYS},
+        **PREPROCESS_CLIP_PARAMETERS,
         "max_image_bytes": "encoded size limit per image; over it the row is too_large",
         "max_image_pixels": "width x height limit, read from the header before decoding (decompression bombs), "
                             "and the same bound on the image after the resize to the model input; over it: too_large",

@@ -28,7 +28,8 @@ CLIP_PARAMETERS = {
     "precision": "compute precision of the tower: fp32, bf16 (CPUs with bf16 units, GPUs), fp16 (KIND_GPU only)",
 }
 #: The ones the preprocessors read (they need the model's transform or tokenizer, not its weights).
-PREPROCESS_CLIP_KEYS = ("model_name", "model_config_file", "pretrained", "cache_dir")
+PREPROCESS_CLIP_PARAMETERS = {k: CLIP_PARAMETERS[k] for k in ("model_name", "model_config_file", "pretrained",
+                                                              "cache_dir")}
 #: Parameters that parse for the tiny shipped architecture without weights (the generated docs' examples).
 CLIP_DOC_EXAMPLE = {"model_name": "mmfuse-tiny", "pretrained": "", "allow_random_init": "true"}
 PRECISIONS = ("fp32", "bf16", "fp16")

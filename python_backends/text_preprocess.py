@@ -17,7 +17,7 @@ import numpy as np
 from mmfuse.wire import MISSING, OK, TOO_LARGE, UNDECODABLE, column_bytes, status_column
 
 from .handler import Handler, InputSpec
-from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, PREPROCESS_CLIP_KEYS, ClipSpec, load_tokenizer
+from .openclip_models import CLIP_DOC_EXAMPLE, PREPROCESS_CLIP_PARAMETERS, ClipSpec, load_tokenizer
 from .params import ModelContext, Params
 
 DEFAULT_MAX_TEXT_CHARS = 4096
@@ -49,7 +49,7 @@ class TextPreprocessor(Handler):
     name = "text_preprocess"
     metrics_labels = ("text", "preprocess")
     parameters = {
-        **{k: v for k, v in CLIP_PARAMETERS.items() if k in PREPROCESS_CLIP_KEYS},
+        **PREPROCESS_CLIP_PARAMETERS,
         "max_text_chars": "longer texts (in characters, not bytes) are masked too_large; shorter ones are tokenized "
                           "and cut at the model's context length as open_clip cuts them",
     }

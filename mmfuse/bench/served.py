@@ -14,13 +14,13 @@ from typing import Any
 import numpy as np
 
 from .. import loadgen, triton_stats
+from ..export import OPEN_CLIP_MODELS
 from ..profiles import Tuning, apply_profile, load_profile, profile_names
 from ..wire import bytes_column, infer_inputs
 from .inputs import cosines
 
 BENCH_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder", "fusion",
                 "embed_image", "embed_text", "fuse_image_text")
-OPEN_CLIP_MODELS = ("image_preprocess", "text_preprocess", "image_encoder", "text_encoder")
 ENSEMBLE_OUTPUTS = {
     "embed_image": ("EMBEDDING", "VALID", "STATUS"),
     "embed_text": ("EMBEDDING", "VALID", "STATUS"),
