@@ -8,8 +8,11 @@ strategies); it writes
 * ``FUSED`` [B,D]: the fused representation (zeros when nothing contributed),
 * ``MODALITY_MASK`` [B,N]: which modalities contributed to each row,
 * ``MODALITY_STATUS`` [B,N]: why a modality did or did not (ok, missing, ...),
-* ``SCORE`` [B,1]: the match probability, where the strategy has a trained task head
-  (0.5 when nothing is present).
+* ``SCORE`` [B,1]: the match probability, where the strategy has a trained ``match`` head
+  (0.5 when nothing is present);
+* ``PROBS`` [B,C] and ``LABEL`` [B,1], where it has a trained ``classify`` head: the class
+  probabilities (softmax, in the order of the head's class names; uniform when nothing is
+  present) and the most probable class name (empty when nothing is present).
 
 Adding a modality is a config edit (a new encoder, the ensemble, this list), not a code change.
 Each row is computed from that row alone. The strategies live in python_backends/strategies/.
@@ -69,6 +72,7 @@ class FusionConfig:
     seed: int = 0
     options: str = "{}"  # JSON hyper-parameters of an untrained (random-init) strategy
     torch_threads: int = 0  # intra-op threads of the model's process (0: torch's default)
+    classes: tuple[str, ...] = ()  # the class names the head must have (written by export; shown by metadata)
 
     STRATEGIES = ("late", "early", "hybrid", "attention")
 
@@ -108,9 +112,17 @@ class FusionConfig:
             if unknown:
                 raise ConfigError(f"model '{params.model_name}': parameter 'strategy_options' sets {', '.join(unknown)}, "
                                   f"which strategy {strategy!r} does not take; it takes: {', '.join(known)}")
+        classes = params.str("classes", "") or "[]"
+        try:
+            classes = json.loads(classes)
+        except ValueError:
+            classes = None
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise ConfigError(f"model '{params.model_name}': parameter 'classes' must be a JSON list of class names, "
+                              f"got {params.str('classes', '')!r}")
         return cls(strategy, modalities, weights, params.bool("normalize", True), head_dir,
                    random_init, params.int("seed", 0, minimum=0), options,
-                   params.int("torch_threads", 0, minimum=0))
+                   params.int("torch_threads", 0, minimum=0), tuple(classes))
 
 
 def load_strategy(config: FusionConfig, model_name: str = "fusion"):
@@ -130,6 +142,9 @@ def load_strategy(config: FusionConfig, model_name: str = "fusion"):
         if tuple(module.modalities) != config.modalities:
             raise ConfigError(f"model '{model_name}': head modalities {module.modalities} != parameter "
                               f"'modalities' {config.modalities}")
+        if config.classes and tuple(module.classes) != config.classes:
+            raise ConfigError(f"model '{model_name}': head in {config.head_dir} has classes {list(module.classes)} "
+                              f"but parameter 'classes' says {list(config.classes)}")
         return module
     if config.strategy == "late" and not config.allow_random_init:
         return None  # fixed weights: plain numpy
@@ -145,11 +160,20 @@ def load_strategy(config: FusionConfig, model_name: str = "fusion"):
         options.setdefault("weights", list(config.weights))
         options.setdefault("normalize", config.normalize)
     torch.manual_seed(config.seed)
-    return build(config.strategy, config.modalities, int(embed_dim), **options).eval()
+    module = build(config.strategy, config.modalities, int(embed_dim), **options).eval()
+    if config.classes and tuple(module.classes) != config.classes:
+        raise ConfigError(f"model '{model_name}': strategy_options classes {list(module.classes)} != parameter "
+                          f"'classes' {list(config.classes)}")
+    return module
+
+
+TASK_OUTPUTS = ("SCORE", "PROBS", "LABEL")
+OUTPUTS_OF_TASK = {"match": ("SCORE",), "classify": ("PROBS", "LABEL")}
 
 
 class FusionHandler(Handler):
-    """Handler of the fusion models: N modalities in, FUSED, MODALITY_MASK, MODALITY_STATUS (+ SCORE) out."""
+    """Handler of the fusion models: N modalities in, FUSED, MODALITY_MASK, MODALITY_STATUS (+ SCORE or PROBS and
+    LABEL, by the head's task) out."""
 
     name = "fusion"
     metrics_labels = ("all", "fusion")
@@ -166,6 +190,8 @@ class FusionHandler(Handler):
         "strategy_options": "JSON hyper-parameters of a random-init strategy (must include embed_dim; a key the "
                             "strategy does not take is refused); ignored with a head",
         "torch_threads": "intra-op threads of this model's process (0: torch's default)",
+        "classes": "JSON list of the class names of a classify head, in PROBS order (written by `mmfuse train`; the "
+                   "head must have exactly these; shown by `mmfuse metadata`); empty: not checked",
     }
 
     def __init__(self, config: FusionConfig, model_name: str = "fusion"):
@@ -193,11 +219,11 @@ class FusionHandler(Handler):
 
     @classmethod
     def output_names(cls, config: FusionConfig) -> tuple[str, ...]:
-        return ("FUSED", "MODALITY_MASK", "MODALITY_STATUS", "SCORE")
+        return ("FUSED", "MODALITY_MASK", "MODALITY_STATUS") + TASK_OUTPUTS
 
     @classmethod
     def optional_output_names(cls, config: FusionConfig) -> tuple[str, ...]:
-        return ("SCORE",)  # known for sure only once the head is loaded: see ``optional_outputs``
+        return TASK_OUTPUTS  # known for sure only once the head is loaded: see ``optional_outputs``
 
     @classmethod
     def build(cls, context: ModelContext, config: FusionConfig) -> FusionHandler:
@@ -208,12 +234,17 @@ class FusionHandler(Handler):
         return cls(config, context.model_name)
 
     @property
+    def task(self) -> str | None:
+        """The task of the trained head (match | classify), None without one."""
+        return self.module.task if self.module is not None and self.module.has_head else None
+
+    @property
     def has_score(self) -> bool:
-        return self.module is not None and self.module.has_head
+        return self.task == "match"
 
     @property
     def optional_outputs(self) -> tuple[str, ...]:
-        return () if self.has_score else ("SCORE",)
+        return tuple(name for name in TASK_OUTPUTS if name not in OUTPUTS_OF_TASK.get(self.task, ()))
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         names = self.config.modalities
@@ -222,9 +253,11 @@ class FusionHandler(Handler):
         if len(dims) != 1:
             shapes = ", ".join(f"{m}_EMBEDDING {list(e.shape)}" for m, e in zip(names, embeddings))
             raise InvalidInputError(f"model '{self.model_name}': embedding sizes differ: {shapes}")
-        if "SCORE" in requested and not self.has_score:
-            raise InvalidInputError(f"model '{self.model_name}': output SCORE requested but strategy "
-                                    f"{self.config.strategy!r} has no task head (set head_dir)")
+        unavailable = sorted(requested & set(self.optional_outputs))
+        if unavailable:
+            has = f"a {self.task} head" if self.task else "no task head (set head_dir)"
+            raise InvalidInputError(f"model '{self.model_name}': output {', '.join(unavailable)} requested but "
+                                    f"strategy {self.config.strategy!r} has {has}")
         rows = embeddings[0].shape[0]
         valid = np.stack([batch[f"{m}_VALID"].reshape(rows) for m in names], axis=1)
         stacked = np.stack(embeddings, axis=1)
@@ -274,6 +307,12 @@ class FusionHandler(Handler):
             result = self.module(FusionBatch(torch.from_numpy(embeddings.astype(np.float32)),
                                              torch.from_numpy(present), sequences, masks))
         out = {"FUSED": result.fused.float().numpy(), "MODALITY_MASK": result.contributed.numpy()}
-        if result.logit is not None:
+        if self.task == "match":
             out["SCORE"] = torch.sigmoid(result.logit.float()).numpy().reshape(rows, 1)
+        elif self.task == "classify":
+            probs = torch.softmax(result.logit.float(), dim=-1).numpy()
+            out["PROBS"] = probs
+            names = np.asarray([c.encode() for c in self.module.classes], dtype=object)
+            labels = np.where(present.any(axis=1), names[probs.argmax(axis=1)], b"")
+            out["LABEL"] = labels.astype(object).reshape(rows, 1)
         return out

@@ -1,4 +1,8 @@
-"""mmfuse metadata [ENSEMBLE...] [--config]: server and ensemble metadata as JSON."""
+"""mmfuse metadata [ENSEMBLE...] [--config]: server and ensemble metadata as JSON.
+
+An ensemble whose fusion step serves a classify head (outputs PROBS and LABEL) also gets ``classes``: the
+class names in PROBS order (the fusion model's ``classes`` parameter, written by ``mmfuse train``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -32,9 +36,12 @@ def run(args: argparse.Namespace) -> int:
                "models": {}}
         for name in names:
             entry = {"metadata": connection.get_model_metadata(name, as_json=True, client_timeout=options.timeout_s)}
+            config = connection.get_model_config(name, as_json=True, client_timeout=options.timeout_s)["config"]
+            classes = _classes(connection, config, options.timeout_s)
+            if classes is not None:
+                entry["classes"] = classes
             if args.config:
-                entry["config"] = connection.get_model_config(name, as_json=True,
-                                                              client_timeout=options.timeout_s)["config"]
+                entry["config"] = config
             out["models"][name] = entry
     except InferenceServerException as error:
         print(f"mmfuse metadata: {options.url}: {error.status() or 'error'}: {error.message()}", file=sys.stderr)
@@ -43,3 +50,15 @@ def run(args: argparse.Namespace) -> int:
         connection.close()
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _classes(connection, config: dict, timeout_s: float) -> list[str] | None:
+    """The class names of the classify head behind an ensemble's LABEL output, None where there is none."""
+    if "LABEL" not in {o.get("name") for o in config.get("output", [])}:
+        return None
+    for step in config.get("ensemble_scheduling", {}).get("step", []):
+        if "LABEL" in step.get("output_map", {}):
+            model = connection.get_model_config(step["model_name"], as_json=True, client_timeout=timeout_s)["config"]
+            value = model.get("parameters", {}).get("classes", {}).get("string_value", "")
+            return json.loads(value) if value else []
+    return None

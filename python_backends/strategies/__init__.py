@@ -2,13 +2,16 @@
 
 Every strategy takes a :class:`FusionBatch` (pooled embeddings [B,M,D], their presence mask
 [B,M], and per modality an optional token sequence [B,T,W] with its padding mask [B,T]) and
-returns a :class:`FusionOutput` (FUSED [B,F], an optional match logit [B], which modalities
-contributed [B,M]). A missing modality is masked, never zero-filled silently; a row with nothing
-present gives zeros and score 0.5, never NaN; a row's result never depends on other rows.
+returns a :class:`FusionOutput` (FUSED [B,F], an optional task logit, which modalities contributed
+[B,M]). Tasks: ``match`` (one logit [B]: SCORE) and ``classify`` (logits [B,C] over named classes:
+PROBS, LABEL). A missing modality is masked, never zero-filled silently; a row with nothing present
+gives zeros, score 0.5 and uniform class probabilities, never NaN; a row's result never depends on
+other rows.
 
 =========  ==========================================================================
 late       masked weighted mean (fixed weights) or a learned per-sample gate (GMU);
-           task head: a logistic on the image-text cosine (CLIP-style decision)
+           task heads: a logistic on the image-text cosine (match), or per-modality
+           classifiers whose probabilities are averaged (decision-level fusion)
 early      concatenation of the embeddings (absent slot zero-filled) and presence flags -> MLP
 hybrid     a small shared transformer over both token sequences with modality-type
            embeddings and a padding/absence mask, pooled from a [CLS] token

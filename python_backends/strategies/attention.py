@@ -13,15 +13,17 @@ from .blocks import GatedCrossAttention, SelfAttentionBlock, trim
 class AttentionFusion(FusionStrategy):
     """hparams: image_width, text_width (token widths of the encoders), dim, heads, layers,
     projector ("flamingo" | "llava"), head (bool), image_tokens (learned image positions; 0 = none),
-    readout ("eot" | "eot+pool" | "eot+mean"), null_key (a learned "nothing here" key for cross-attention). Modalities: the first is the image (keys),
+    readout ("eot" | "eot+pool" | "eot+mean"), null_key (a learned "nothing here" key for cross-attention), task,
+    classes. Modalities: the first is the image (keys),
     the second the text (queries)."""
 
     name = "attention"
     needs_sequences = True
 
     def __init__(self, modalities, embed_dim, image_width=64, text_width=64, dim=128, heads=4, layers=2,
-                 projector="flamingo", head=True, image_tokens=0, readout="eot", null_key=False):
-        super().__init__(modalities, embed_dim, image_width=image_width, text_width=text_width, dim=dim,
+                 projector="flamingo", head=True, image_tokens=0, readout="eot", null_key=False, task="match",
+                 classes=None):
+        super().__init__(modalities, embed_dim, task, classes, image_width=image_width, text_width=text_width, dim=dim,
                          heads=heads, layers=layers, projector=projector, head=head, image_tokens=image_tokens,
                          readout=readout, null_key=null_key)
         if readout not in ("eot", "eot+pool", "eot+mean"):
@@ -51,7 +53,7 @@ class AttentionFusion(FusionStrategy):
         width = dim if readout == "eot" else 2 * dim
         self.ln = nn.LayerNorm(width)
         self.out = nn.Linear(width, embed_dim)
-        self.head = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, 1)) if head else None
+        self.head = nn.Sequential(nn.Linear(width, dim), nn.GELU(), nn.Linear(dim, self.outputs)) if head else None
 
     @property
     def has_head(self) -> bool:
@@ -93,5 +95,5 @@ class AttentionFusion(FusionStrategy):
         elif self.hparams["readout"] == "eot+mean":
             pooled = torch.cat([pooled, masked_mean(x, text_valid)], dim=-1)
         pooled = self.ln(pooled)
-        logit = self.head(pooled).squeeze(-1) if self.head is not None else None
+        logit = self.head_logits(self.head(pooled)) if self.head is not None else None
         return FusionOutput(F.normalize(self.out(pooled), dim=-1), logit, batch.mask.clone(), x)

@@ -28,22 +28,56 @@ class FusionBatch:
 @dataclass
 class FusionOutput:
     fused: torch.Tensor  # [B, F]
-    logit: torch.Tensor | None  # [B] match logit, where a task head exists
+    logit: torch.Tensor | None  # task head: match logit [B], or classify logits [B, C]; None without a head
     contributed: torch.Tensor  # [B, M] bool
     tokens: torch.Tensor | None = None  # token-level strategies: the final text-stream states [B, L, dim]
 
 
+TASKS = ("match", "classify")
+
+
+def check_task(task: str, classes: Any) -> tuple[str, tuple[str, ...]]:
+    """``match``: one logit (the caption matches the image); ``classify``: one logit per named class."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task == "match":
+        if classes:
+            raise ValueError("task 'match' takes no class names")
+        return task, ()
+    names = tuple(str(c) for c in (classes or ()))
+    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+        raise ValueError(f"task 'classify' needs at least two distinct, non-empty class names, got {list(names)}")
+    return task, names
+
+
 class FusionStrategy(nn.Module):
-    """Base class. Subclasses set ``name`` and ``needs_sequences`` and implement ``fuse``."""
+    """Base class. Subclasses set ``name`` and ``needs_sequences`` and implement ``fuse``.
+
+    Every strategy takes ``task`` ("match": a logit [B]; "classify": logits [B, C] in the order of
+    ``classes``); its task head, where it has one, has ``outputs`` units.
+    """
 
     name = "base"
     needs_sequences = False
 
-    def __init__(self, modalities: tuple[str, ...], embed_dim: int, **hparams: Any):
+    def __init__(self, modalities: tuple[str, ...], embed_dim: int, task: str = "match", classes: Any = None,
+                 **hparams: Any):
         super().__init__()
         self.modalities = tuple(modalities)
         self.embed_dim = int(embed_dim)
+        self.task, self.classes = check_task(task, classes)
         self.hparams = dict(hparams)
+        if self.task == "classify":  # recorded (and rebuilt from the head JSON) only where not the default
+            self.hparams.update(task=self.task, classes=list(self.classes))
+
+    @property
+    def outputs(self) -> int:
+        """Units of the task head: 1 (match) or the number of classes."""
+        return len(self.classes) if self.task == "classify" else 1
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A head's raw output [B, outputs] as the task's logit: [B] (match) or [B, C]."""
+        return x.squeeze(-1) if self.task == "match" else x
 
     @property
     def has_head(self) -> bool:
@@ -58,8 +92,9 @@ class FusionStrategy(nn.Module):
         nothing = ~batch.mask.any(dim=1)
         fused = torch.where(nothing[:, None], torch.zeros_like(out.fused), out.fused)
         logit = out.logit
-        if logit is not None:
-            logit = torch.where(nothing, torch.zeros_like(logit), logit)  # score 0.5: undecided
+        if logit is not None:  # nothing present: score 0.5 (match), uniform PROBS (classify)
+            undecided = nothing if logit.dim() == 1 else nothing[:, None]
+            logit = torch.where(undecided, torch.zeros_like(logit), logit)
         return FusionOutput(torch.nan_to_num(fused), logit, out.contributed & batch.mask, out.tokens)
 
     def describe(self) -> dict[str, Any]:

@@ -10,12 +10,12 @@ from .base import FusionBatch, FusionOutput, FusionStrategy, register
 
 @register
 class EarlyFusion(FusionStrategy):
-    """hparams: hidden (MLP width), layers, dropout, head (bool)."""
+    """hparams: hidden (MLP width), layers, dropout, head (bool), task, classes."""
 
     name = "early"
 
-    def __init__(self, modalities, embed_dim, hidden=256, layers=2, dropout=0.0, head=True):
-        super().__init__(modalities, embed_dim, hidden=hidden, layers=layers, dropout=dropout, head=head)
+    def __init__(self, modalities, embed_dim, hidden=256, layers=2, dropout=0.0, head=True, task="match", classes=None):
+        super().__init__(modalities, embed_dim, task, classes, hidden=hidden, layers=layers, dropout=dropout, head=head)
         m = len(modalities)
         dims = [m * embed_dim + m] + [hidden] * (layers - 1)
         blocks = []
@@ -23,7 +23,7 @@ class EarlyFusion(FusionStrategy):
             blocks += [nn.Linear(a, b), nn.GELU(), nn.Dropout(dropout)]
         self.mlp = nn.Sequential(*blocks)
         self.out = nn.Linear(dims[-1], embed_dim)
-        self.head = nn.Linear(dims[-1], 1) if head else None
+        self.head = nn.Linear(dims[-1], self.outputs) if head else None
 
     @property
     def has_head(self) -> bool:
@@ -33,5 +33,5 @@ class EarlyFusion(FusionStrategy):
         mask = batch.mask
         x = torch.cat([(batch.embeddings * mask.unsqueeze(-1)).flatten(1), mask.float()], dim=1)
         h = self.mlp(x)
-        logit = self.head(h).squeeze(-1) if self.head is not None else None
+        logit = self.head_logits(self.head(h)) if self.head is not None else None
         return FusionOutput(F.normalize(self.out(h), dim=-1), logit, mask.clone())

@@ -11,7 +11,7 @@ from .blocks import SelfAttentionBlock, trim
 
 @register
 class HybridFusion(FusionStrategy):
-    """hparams: widths (token width per modality), dim, heads, layers, head (bool).
+    """hparams: widths (token width per modality), dim, heads, layers, head (bool), task, classes.
 
     Tokens of every modality are projected to ``dim``, tagged with a learned modality-type
     embedding, and processed jointly behind one [CLS] token under a padding/absence mask;
@@ -21,16 +21,18 @@ class HybridFusion(FusionStrategy):
     name = "hybrid"
     needs_sequences = True
 
-    def __init__(self, modalities, embed_dim, widths=None, dim=128, heads=4, layers=2, head=True):
+    def __init__(self, modalities, embed_dim, widths=None, dim=128, heads=4, layers=2, head=True, task="match",
+                 classes=None):
         widths = list(widths) if widths is not None else [64] * len(modalities)
-        super().__init__(modalities, embed_dim, widths=widths, dim=dim, heads=heads, layers=layers, head=head)
+        super().__init__(modalities, embed_dim, task, classes, widths=widths, dim=dim, heads=heads, layers=layers,
+                         head=head)
         self.proj = nn.ModuleList(nn.Linear(w, dim) for w in widths)
         self.type_embedding = nn.Parameter(torch.randn(len(modalities), dim) * 0.02)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(SelfAttentionBlock(dim, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(dim)
         self.out = nn.Linear(dim, embed_dim)
-        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, 1)) if head else None
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, self.outputs)) if head else None
 
     @property
     def has_head(self) -> bool:
@@ -48,5 +50,5 @@ class HybridFusion(FusionStrategy):
         for block in self.blocks:
             x = block(x, valid)
         pooled = self.ln(x[:, 0])
-        logit = self.head(pooled).squeeze(-1) if self.head is not None else None
+        logit = self.head_logits(self.head(pooled)) if self.head is not None else None
         return FusionOutput(F.normalize(self.out(pooled), dim=-1), logit, batch.mask.clone())

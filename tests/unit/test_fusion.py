@@ -307,3 +307,47 @@ def test_an_unknown_strategy_option_is_refused_when_parsed():
     with_head = Params("fusion", {"strategy": "attention", "head_dir": "/heads/attention",
                                   "strategy_options": '{"embed_dim": 64, "gate": "gmu"}'})
     assert FusionConfig.from_params(with_head).strategy == "attention"
+
+
+# -- task outputs: classify --------------------------------------------------------------------------------------
+CLASSIFY_OPTIONS = '{"embed_dim": 4, "hidden": 8, "task": "classify", "classes": ["bird", "cat", "dog"]}'
+
+
+def test_a_classify_head_gives_probs_and_label():
+    handler = make_handler(strategy="early", allow_random_init="true", strategy_options=CLASSIFY_OPTIONS)
+    assert handler.task == "classify" and handler.optional_outputs == ("SCORE",)
+    e = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    batch = fusion_batch({"IMAGE": e, "TEXT": e[::-1]}, {"IMAGE": [True, False, True, False],
+                                                        "TEXT": [True, True, False, False]})
+    out = handler(batch, frozenset({"FUSED", "PROBS", "LABEL"}))
+    probs, labels = out["PROBS"], [v.decode() for v in out["LABEL"][:, 0]]
+    assert probs.shape == (4, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    assert labels[:3] == [["bird", "cat", "dog"][i] for i in probs[:3].argmax(axis=1)]
+    np.testing.assert_allclose(probs[3], np.full(3, 1 / 3), atol=1e-6)  # nothing present: uniform
+    assert labels[3] == ""  # and no label
+    with pytest.raises(InvalidInputError, match="output SCORE requested but strategy 'early' has a classify head"):
+        handler(batch, frozenset({"SCORE"}))
+
+
+def test_a_match_head_refuses_probs_and_a_headless_strategy_refuses_every_task_output():
+    match = make_handler(strategy="early", allow_random_init="true", strategy_options='{"embed_dim": 4}')
+    assert match.task == "match" and match.optional_outputs == ("PROBS", "LABEL")
+    headless = make_handler()
+    assert headless.task is None and headless.optional_outputs == ("SCORE", "PROBS", "LABEL")
+    e = np.ones((1, 4), np.float32)
+    batch = fusion_batch({"IMAGE": e, "TEXT": e}, {"IMAGE": [True], "TEXT": [True]})
+    with pytest.raises(InvalidInputError, match="output LABEL, PROBS requested but strategy 'early' has a match head"):
+        match(batch, frozenset({"PROBS", "LABEL"}))
+    with pytest.raises(InvalidInputError, match="has no task head"):
+        headless(batch, frozenset({"PROBS"}))
+
+
+def test_the_classes_parameter_must_name_the_heads_classes():
+    ok = make_handler(strategy="early", allow_random_init="true", strategy_options=CLASSIFY_OPTIONS,
+                      classes='["bird", "cat", "dog"]')
+    assert ok.module.classes == ("bird", "cat", "dog")
+    with pytest.raises(ConfigError, match="classes"):
+        make_handler(strategy="early", allow_random_init="true", strategy_options=CLASSIFY_OPTIONS,
+                     classes='["cat", "bird", "dog"]')
+    with pytest.raises(ConfigError, match="JSON list of class names"):
+        fusion_config(classes="cat,dog")

@@ -100,3 +100,24 @@ def test_pixels_read_by_another_step_are_not_merged(repo):
         merge_image_decoding(repo)
     assert (repo / "image_preprocess").exists()
     assert {name: (repo / name / "config.pbtxt").read_text() for name in shipped} == shipped  # nothing written
+
+
+def test_a_classify_head_exposes_probs_and_label_and_a_match_head_score(repo):
+    import json
+
+    from mmfuse.export import set_fusion_head
+
+    def outputs(name):
+        return {o.name: (model_config_pb2.DataType.Name(o.data_type), list(o.dims)) for o in load_config(repo, name).output}
+
+    set_fusion_head(repo, "fusion", "early", ".", True, "classify", ("bird", "cat"))
+    ensemble = outputs("fuse_image_text")
+    assert ensemble["PROBS"] == ("TYPE_FP32", [-1]) and ensemble["LABEL"] == ("TYPE_STRING", [1])
+    assert "SCORE" not in ensemble
+    assert json.loads(parameters(load_config(repo, "fusion"))["classes"]) == ["bird", "cat"]
+    set_fusion_head(repo, "fusion", "attention", ".", True, "match")
+    ensemble = outputs("fuse_image_text")
+    assert "SCORE" in ensemble and "PROBS" not in ensemble and "LABEL" not in ensemble
+    assert parameters(load_config(repo, "fusion"))["classes"] == ""
+    set_fusion_head(repo, "fusion", "late", "", False)
+    assert not {"SCORE", "PROBS", "LABEL"} & set(outputs("fuse_image_text"))

@@ -20,6 +20,10 @@ CASES = {
     "attention-llava": ("attention", {"image_width": WI, "text_width": WT, "dim": 16, "heads": 2, "layers": 2,
                                       "projector": "llava"}),
 }
+CLASSES = ["cat", "dog", "bird"]
+CASES.update({f"{name}/classify": (kind, {**options, "task": "classify", "classes": CLASSES,
+                                          **({"head": "classifier"} if kind == "late" else {})})
+              for name, (kind, options) in list(CASES.items())})
 
 
 def make_batch(rows: int = 6, seed: int = 0) -> FusionBatch:
@@ -62,7 +66,8 @@ def test_shapes_and_no_nan(strategy):
     assert out.contributed.shape == (6, 2)
     assert (out.contributed <= batch.mask).all()
     if strategy.has_head:
-        assert out.logit.shape == (6,) and torch.isfinite(out.logit).all()
+        assert out.logit.shape == ((6,) if strategy.task == "match" else (6, len(CLASSES)))
+        assert torch.isfinite(out.logit).all()
 
 
 def test_all_absent_row_is_defined(strategy):
@@ -71,7 +76,7 @@ def test_all_absent_row_is_defined(strategy):
     assert not out.fused[3].any()
     assert not out.contributed[3].any()
     if strategy.has_head:
-        assert out.logit[3] == 0  # score 0.5: undecided
+        assert not out.logit[3].any()  # score 0.5, uniform class probabilities: undecided
 
 
 def test_masked_modality_content_does_not_matter(strategy):
@@ -105,7 +110,11 @@ def test_head_roundtrip(strategy, tmp_path):
     assert description["strategy"] == strategy.name and description["training"] == {"seed": 1}
     batch = make_batch()
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch).fused, strategy(batch).fused)
+        a, b = loaded(batch), strategy(batch)
+    torch.testing.assert_close(a.fused, b.fused)
+    if strategy.has_head:
+        torch.testing.assert_close(a.logit, b.logit)
+    assert (loaded.task, loaded.classes) == (strategy.task, strategy.classes)
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
 
 
@@ -122,3 +131,27 @@ def test_unknown_strategy_and_bad_options_are_refused():
         build("attention", ("IMAGE", "TEXT"), D, projector="perceiver")
     with pytest.raises(ValueError, match="weights"):
         build("late", ("IMAGE", "TEXT"), D, weights=[1.0])
+
+
+def test_decision_level_late_fusion_averages_the_present_modalities():
+    """Late + classifier on classify: the class probabilities are the mean of the present modalities' own
+    classifiers' probabilities; with one modality absent, exactly the other one's."""
+    torch.manual_seed(0)
+    module = build("late", ("IMAGE", "TEXT"), D, head="classifier", task="classify", classes=CLASSES).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        probs = torch.softmax(module(batch).logit, dim=-1)
+        own = [torch.softmax(c(batch.embeddings[:, i]), dim=-1) for i, c in enumerate(module.classifiers)]
+    torch.testing.assert_close(probs[0], (own[0][0] + own[1][0]) / 2)
+    torch.testing.assert_close(probs[1], own[1][1])  # no image: the text's classifier alone
+    torch.testing.assert_close(probs[2], own[0][2])  # no text: the image's
+    torch.testing.assert_close(probs[3], torch.full((3,), 1 / 3))  # nothing: uniform
+
+
+def test_task_and_classes_are_checked():
+    with pytest.raises(ValueError, match="two distinct"):
+        build("early", ("IMAGE", "TEXT"), D, task="classify", classes=["a", "a"])
+    with pytest.raises(ValueError, match="task must be"):
+        build("early", ("IMAGE", "TEXT"), D, task="regress")
+    with pytest.raises(ValueError, match="similarity head scores a match"):
+        build("late", ("IMAGE", "TEXT"), D, head="similarity", task="classify", classes=CLASSES)
