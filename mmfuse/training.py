@@ -165,21 +165,13 @@ def token_widths(clip: nn.Module) -> tuple[int, int]:
 
 
 def strategy_hparams(name: str, clip: nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from mmfuse.presets import preset_hparams
+
     image_width, text_width = token_widths(clip)
     image_tokens = int(clip.visual.grid_size[0] * clip.visual.grid_size[1])
-    defaults: dict[str, dict[str, Any]] = {
-        "late": {"gate": "fixed", "head": "similarity"},
-        "late-gmu": {"gate": "gmu", "head": "similarity"},
-        "early": {"hidden": 256, "layers": 2},
-        "hybrid": {"widths": [image_width, text_width], "dim": 96, "heads": 4, "layers": 2},
-        "attention": {"image_width": image_width, "text_width": text_width, "dim": 96, "heads": 4, "layers": 2,
-                      "image_tokens": image_tokens},
-        "attention-llava": {"image_width": image_width, "text_width": text_width, "dim": 96, "heads": 4,
-                            "layers": 2, "projector": "llava", "image_tokens": image_tokens},
-    }
-    if name not in defaults:
-        raise KeyError(f"unknown strategy preset {name!r}; known: {', '.join(defaults)}")
-    return {**defaults[name], **(overrides or {})}
+    hparams = preset_hparams(name, image_width, text_width, image_tokens, overrides=overrides)
+    hparams.pop("_needs_sequences")
+    return hparams
 
 
 def build_preset(preset: str, clip: nn.Module, embed_dim: int, overrides: dict[str, Any] | None = None) -> FusionStrategy:

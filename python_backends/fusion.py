@@ -167,6 +167,43 @@ def load_strategy(config: FusionConfig, model_name: str = "fusion"):
     return module
 
 
+def pooled_inputs(batch: Mapping[str, np.ndarray], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(embeddings [B,M,D], VALID [B,M], present [B,M]) of the fusion inputs; a non-finite embedding is not
+    present (it must not poison the fused vector)."""
+    rows = batch[f"{names[0]}_EMBEDDING"].shape[0]
+    valid = np.stack([np.asarray(batch[f"{m}_VALID"]).reshape(rows) for m in names], axis=1).astype(bool)
+    stacked = np.stack([np.asarray(batch[f"{m}_EMBEDDING"], dtype=np.float32) for m in names], axis=1)
+    return stacked, valid, valid & np.isfinite(stacked).all(axis=2)
+
+
+def module_batch(batch: Mapping[str, np.ndarray], names: Sequence[str], needs_sequences: bool,
+                 who: str = "fusion", present: np.ndarray | None = None):
+    """The fusion inputs of a batch as a strategy module's FusionBatch: what the served fusion model runs and what
+    ``mmfuse train`` trains on (``present``: a narrower presence mask, e.g. modality dropout)."""
+    import torch
+
+    from .strategies import FusionBatch
+
+    stacked, _, found = pooled_inputs(batch, names)
+    present = found if present is None else (np.asarray(present, dtype=bool) & found)
+    sequences, masks = [], []
+    for m in names:
+        seq = batch.get(f"{m}_SEQUENCE")
+        if seq is None:
+            if needs_sequences:
+                raise InvalidInputError(f"{who} needs input tensor '{m}_SEQUENCE'")
+            sequences.append(None)
+            masks.append(None)
+            continue
+        seq = np.nan_to_num(np.asarray(seq, dtype=np.float32))
+        mask = batch.get(f"{m}_SEQUENCE_MASK")
+        mask = np.ones(seq.shape[:2], dtype=bool) if mask is None else np.asarray(mask).astype(bool)
+        sequences.append(torch.from_numpy(seq))
+        masks.append(torch.from_numpy(mask))
+    embeddings = np.where(present[:, :, None], stacked, 0.0).astype(np.float32)
+    return FusionBatch(torch.from_numpy(embeddings), torch.from_numpy(present), sequences, masks)
+
+
 TASK_OUTPUTS = ("SCORE", "PROBS", "LABEL")
 OUTPUTS_OF_TASK = {"match": ("SCORE",), "classify": ("PROBS", "LABEL")}
 
@@ -259,16 +296,13 @@ class FusionHandler(Handler):
             raise InvalidInputError(f"model '{self.model_name}': output {', '.join(unavailable)} requested but "
                                     f"strategy {self.config.strategy!r} has {has}")
         rows = embeddings[0].shape[0]
-        valid = np.stack([batch[f"{m}_VALID"].reshape(rows) for m in names], axis=1)
-        stacked = np.stack(embeddings, axis=1)
-        # A non-finite embedding must not poison the fused vector: treat it as absent.
+        stacked, valid, present = pooled_inputs(batch, names)
         finite = np.isfinite(stacked).all(axis=2)
-        present = valid & finite
         out = {}
         if self.module is None:
             out["FUSED"], out["MODALITY_MASK"] = late_fusion(stacked, present, self.config.weights, self.config.normalize)
         else:
-            out.update(self._run_module(batch, np.where(present[:, :, None], stacked, 0.0), present))
+            out.update(self._run_module(batch, present))
         statuses = []
         for m, is_valid in zip(names, valid.T):
             given = column_bytes(batch[f"{m}_STATUS"]) if f"{m}_STATUS" in batch else None
@@ -282,30 +316,14 @@ class FusionHandler(Handler):
         out["MODALITY_STATUS"] = status_matrix(status_rows)
         return out
 
-    def _run_module(self, batch, embeddings: np.ndarray, present: np.ndarray) -> dict[str, np.ndarray]:
+    def _run_module(self, batch, present: np.ndarray) -> dict[str, np.ndarray]:
         import torch
 
-        from .strategies import FusionBatch
-
-        rows = embeddings.shape[0]
-        sequences, masks = [], []
-        for m in self.config.modalities:
-            seq = batch.get(f"{m}_SEQUENCE")
-            if seq is None:
-                if self.module.needs_sequences:
-                    raise InvalidInputError(f"model '{self.model_name}': strategy {self.config.strategy!r} needs "
-                                            f"input tensor '{m}_SEQUENCE'")
-                sequences.append(None)
-                masks.append(None)
-                continue
-            seq = np.nan_to_num(np.asarray(seq, dtype=np.float32))
-            mask = batch.get(f"{m}_SEQUENCE_MASK")
-            mask = np.ones(seq.shape[:2], dtype=bool) if mask is None else mask.astype(bool)
-            sequences.append(torch.from_numpy(seq))
-            masks.append(torch.from_numpy(mask))
+        rows = present.shape[0]
+        inputs = module_batch(batch, self.config.modalities, self.module.needs_sequences,
+                              f"model '{self.model_name}': strategy {self.config.strategy!r}")
         with torch.inference_mode():
-            result = self.module(FusionBatch(torch.from_numpy(embeddings.astype(np.float32)),
-                                             torch.from_numpy(present), sequences, masks))
+            result = self.module(inputs)
         out = {"FUSED": result.fused.float().numpy(), "MODALITY_MASK": result.contributed.numpy()}
         if self.task == "match":
             out["SCORE"] = torch.sigmoid(result.logit.float()).numpy().reshape(rows, 1)
