@@ -1,7 +1,9 @@
-"""mmfuse train: train a fusion head on the shapes benchmark and export it into the model repository.
+"""mmfuse train: train a fusion head and export it into the model repository.
 
+    mmfuse train --data TRAIN.jsonl [--val VAL.jsonl] --task classify --strategy attention --repository R
+                                                                      # your data, on R's frozen encoders
     mmfuse train --strategy attention --from-scratch --repository R   # the demo: tiny encoders + head from scratch
-    mmfuse train --strategy late-gmu --repository R                   # a head on R's frozen encoders
+    mmfuse train --strategy late-gmu --repository R                   # a head on R's frozen encoders (shapes data)
 """
 from __future__ import annotations
 
@@ -21,16 +23,27 @@ def register(sub) -> None:
     from ..presets import PRESETS
 
     p = sub.add_parser("train", help="train a fusion head (optionally tiny encoders too) and export it")
+    p.add_argument("--data", help="training manifest (JSONL or CSV: image, text, label[, split]); rows whose split is "
+                                  "'val' validate unless --val is given")
+    p.add_argument("--val", help="validation manifest (same columns)")
+    p.add_argument("--task", choices=("classify", "match"), default=None,
+                   help="with --data: classify (one class name per row; PROBS + LABEL) or match (0/1; SCORE). "
+                        "Default classify with --data, match on the shapes data")
+    p.add_argument("--epochs", type=float, default=20.0, help="with --data: passes over the training rows "
+                                                             "(unless --steps is given)")
+    p.add_argument("--cache-dir", help="feature cache (default $MMFUSE_CACHE_DIR or ~/.cache/mmfuse/features)")
     p.add_argument("--strategy", choices=PRESETS, default="attention")
     p.add_argument("--from-scratch", action="store_true",
                    help="train the tiny open_clip encoders together with the head (the demo's recipe)")
     p.add_argument("--model-name", default=d["model_name"], help="open_clip architecture for --from-scratch")
-    p.add_argument("--steps", type=int, default=d["steps"])
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: --epochs with --data, {d['steps']} otherwise)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=d["lr"])
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default 1e-3 with --data, {d['lr']} otherwise)")
     p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--modality-dropout", type=float, default=d["modality_dropout"],
-                   help="probability of dropping each modality per sample")
+    p.add_argument("--modality-dropout", type=float, default=None,
+                   help=f"probability of dropping each modality per sample (default 0 with --data, "
+                        f"{d['modality_dropout']} otherwise)")
     p.add_argument("--curriculum-steps", type=int, default=d["curriculum_steps"],
                    help="steps over which relation-swapped negatives are phased in")
     p.add_argument("--threads", type=int, default=d["threads"], help="torch threads (0: torch's default)")
@@ -76,19 +89,74 @@ def _options(items: list[str]) -> dict:
     return out
 
 
+def _check(args: argparse.Namespace) -> str | None:
+    if not args.repository and not args.no_export:
+        return "give --repository DIR (the repository to train on and export into) or --no-export"
+    if args.modality_dropout is not None and not 0 <= args.modality_dropout < 1:
+        return f"--modality-dropout must be in [0, 1), got {args.modality_dropout}"
+    if args.steps is not None and args.steps < 1 or args.epochs <= 0 or args.batch_size < 1:
+        return "--steps, --epochs and --batch-size must be positive"
+    if args.data and args.from_scratch:
+        return "--from-scratch trains the demo's encoders on the shapes data; it takes no --data"
+    if (args.val or args.task) and not args.data and args.task != "match":
+        return "--val and --task classify need --data"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = _check(args)
+    if problem:
+        print(f"mmfuse train: {problem}", file=sys.stderr)
+        return 2
+    if args.data:
+        return run_on_data(args)
+    return run_shapes(args)
+
+
+def run_on_data(args: argparse.Namespace) -> int:
+    from ..datasets import DatasetError
+    from ..fit import FitConfig
+    from ..train_data import prepare, train
+
+    repo = Path(args.repository or DEFAULT_MODEL_REPOSITORY)
+    task = args.task or "classify"
+    cfg = FitConfig(preset=args.strategy, task=task, steps=args.steps or 0, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr or 1e-3, modality_dropout=args.modality_dropout or 0.0,
+                    seed=args.seed, threads=args.threads, options=_options(args.option))
+    command = "mmfuse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        prepared = prepare(repo, Path(args.data), Path(args.val) if args.val else None, task,
+                           Path(args.cache_dir) if args.cache_dir else None)
+        record = train(repo, prepared, cfg, export=not args.no_export, fusion_model=args.fusion_model,
+                       command=command)
+    except (DatasetError, ValueError, FileNotFoundError) as error:
+        print(f"mmfuse train: {error}", file=sys.stderr)
+        return 2
+    summary = {"strategy": args.strategy, "task": task, "seconds": record["training"]["seconds"]}
+    if "validation" in record:
+        summary["validation"] = {k: round(v["accuracy"], 4) for k, v in record["validation"].items() if k != "chance"}
+        summary["chance"] = round(record["validation"]["chance"], 4)
+        summary["references"] = {m: round(r["validation"]["accuracy"], 4) for m, r in record["references"].items()}
+    print(json.dumps(summary))
+    if "version_dir" in record:
+        outputs = "PROBS and LABEL" if task == "classify" else "SCORE"
+        print(f"fusion head: {record['version_dir']} (strategy {args.strategy}, task {task}); the ensembles now "
+              f"answer {outputs}. Serve with `mmfuse serve --model-repository {repo}`; regenerate clients with "
+              f"`mmfuse gen-clients --model-repository {repo} --out DIR`")
+    return 0
+
+
+def run_shapes(args: argparse.Namespace) -> int:
     from .. import training
     from ..export import export_encoders, export_head
+    from ..presets import DEFAULTS as d
     from ..repository import load_config, parameters
 
-    if not args.repository and not args.no_export:
-        print("mmfuse train: give --repository DIR (the repository to train on and export into) or --no-export",
-              file=sys.stderr)
-        return 2
     repo = Path(args.repository or DEFAULT_MODEL_REPOSITORY)
     cfg = training.TrainConfig(
-        preset=args.strategy, model_name=args.model_name, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, modality_dropout=args.modality_dropout,
+        preset=args.strategy, model_name=args.model_name, steps=args.steps or d["steps"], batch_size=args.batch_size,
+        lr=args.lr or d["lr"], seed=args.seed,
+        modality_dropout=d["modality_dropout"] if args.modality_dropout is None else args.modality_dropout,
         curriculum_steps=args.curriculum_steps, threads=args.threads, eval_every=args.eval_every,
         extra=_options(args.option), init_head=args.init_head, init_checkpoint=args.init_checkpoint)
     command = "mmfuse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
