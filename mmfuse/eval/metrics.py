@@ -14,6 +14,13 @@ accuracy**: 0.5 x positives + 0.5 x the mean over the negative kinds, whose chan
 * catastrophic degradation: a flag where a strategy's balanced accuracy is below the best
   single-modality model's under the same condition by more than 1.96 standard errors of the
   difference (``FLAG_Z``), so that two models both at chance are not flagged for sampling noise.
+
+On a dataset of the user's own (``mmfuse eval --data``) the groups are the classes: a row is predicted the
+class of highest probability (PROBS argmax, ties to the first class: a head that cannot decide answers
+uniform PROBS, i.e. a constant answer), or, for match data, class 1 when SCORE > 0.5. Accuracy is given
+per class (recall) and as **balanced accuracy**, the mean per-class recall, whose chance level is
+``1 / C`` for any constant answer (0.5 for match); ``macro_f1`` beside it. The chance level is a parameter
+of ``retention`` (default ``CHANCE``, the shapes benchmark's).
 """
 from __future__ import annotations
 
@@ -63,6 +70,62 @@ def balanced_se(by_kind: Mapping[str, float], counts: Mapping[str, Mapping[str, 
     return math.sqrt(var)
 
 
+# -- classes (a dataset of the user's own) ------------------------------------------------------------------------
+def chance_of(classes: Sequence[str]) -> float:
+    """Balanced accuracy of any constant answer: 1 / C (0.5 for match's two classes)."""
+    return 1.0 / max(1, len(classes))
+
+
+def predicted_classes(outputs: np.ndarray) -> np.ndarray:
+    """Class indices from PROBS [N, C] (argmax, ties to the first class) or from a match SCORE [N] (1 when > 0.5)."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if outputs.ndim == 2 and outputs.shape[1] > 1:
+        return outputs.argmax(axis=1).astype(np.int64)
+    return predictions(outputs.reshape(-1)).astype(np.int64)
+
+
+def class_counts(predicted: np.ndarray, labels: Sequence[int], classes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """Per class (in ``classes`` order): rows of that label and how many of them were predicted right."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    return {c: {"rows": int(np.sum(labels == i)), "correct": int(np.sum((labels == i) & (predicted == i)))}
+            for i, c in enumerate(classes)}
+
+
+def recall_by_class(counts: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """Per-class recall, for the classes that have rows."""
+    return accuracy_by_kind(counts)
+
+
+def class_balanced_accuracy(recalls: Mapping[str, float]) -> float:
+    """The mean per-class recall (chance: 1 / C for any constant answer)."""
+    return float(np.mean(list(recalls.values()))) if recalls else 0.0
+
+
+def class_balanced_se(counts: Mapping[str, Mapping[str, int]]) -> float:
+    """Binomial standard error of the mean per-class recall (classes independent, equal weights), each rate taken
+    as (correct + 1) / (rows + 2) as in ``balanced_se``."""
+    present = [c for c in counts.values() if c["rows"]]
+    if not present:
+        return 0.0
+    w = 1.0 / len(present)
+    var = sum(w * w * ((c["correct"] + 1) / (c["rows"] + 2)) * (1 - (c["correct"] + 1) / (c["rows"] + 2)) / c["rows"]
+              for c in present)
+    return math.sqrt(var)
+
+
+def macro_f1(predicted: np.ndarray, labels: Sequence[int], classes: int) -> float:
+    """Mean F1 over the classes that occur (as label or prediction); 0 when none."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    f1 = []
+    for c in range(classes):
+        tp = int(np.sum((predicted == c) & (labels == c)))
+        fp = int(np.sum((predicted == c) & (labels != c)))
+        fn = int(np.sum((predicted != c) & (labels == c)))
+        if tp + fp + fn:
+            f1.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(f1)) if f1 else 0.0
+
+
 def trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2.0))
@@ -78,10 +141,11 @@ def effective_robustness(curve: Sequence[float], late: Sequence[float]) -> list[
     return (curve - (late - late[0] + curve[0])).tolist()
 
 
-def retention(absent_acc: float, best_single: float, best_single_se: float) -> float | None:
-    if best_single - CHANCE <= 2 * best_single_se or best_single <= CHANCE:
+def retention(absent_acc: float, best_single: float, best_single_se: float, chance: float = CHANCE) -> float | None:
+    """``(absent_acc - chance) / (best_single - chance)``; None when the reference is not above chance by 2 SE."""
+    if best_single - chance <= 2 * best_single_se or best_single <= chance:
         return None
-    return (absent_acc - CHANCE) / (best_single - CHANCE)
+    return (absent_acc - chance) / (best_single - chance)
 
 
 def catastrophic(acc: float, se: float, single: float, single_se: float) -> bool:
