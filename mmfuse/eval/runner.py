@@ -14,8 +14,9 @@ import numpy as np
 from .. import processes
 from . import corruptions as C
 from . import load as L
+from . import metrics as M
 from . import robustness as R
-from .served_heads import ENSEMBLE, Head, Switcher, describe_machine, discover_heads, served_outputs
+from .served_heads import ENSEMBLE, Head, Switcher, describe_machine, discover_heads, served_outputs, served_task
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -42,11 +43,14 @@ class EvalConfig:
     timeout_s: float = 60.0
     robustness: bool = True
     load: bool = True
+    data: Path | None = None  # a manifest of the user's own (JSONL/CSV): evaluate on its rows, not the shapes benchmark
+    task: str | None = None  # the data's task (classify | match); None: the served head's
+    max_rows: int = 200  # data mode: at most this many rows (a seeded subset, classes in turn); 0 = every row
 
     @classmethod
     def quick_defaults(cls, **kwargs) -> EvalConfig:
         values = dict(quick=True, per_kind=4, calibration_per_kind=8, levels=(0.0, 0.5, 1.0), concurrencies=(1, 4),
-                      load_requests=24, load_seconds=1.0)
+                      load_requests=24, load_seconds=1.0, max_rows=24)
         values.update(kwargs)
         return cls(**values)
 
@@ -144,12 +148,22 @@ def _evaluate(cfg: EvalConfig, url: str, pid: int | None, repository: Path, embe
     report["config"]["heads"] = [str(h) for h in cfg.heads]
     switcher = Switcher(client, repository, say)
     report["server"]["served_fusion"] = switcher.served_head()
+    rows = None
     try:
+        if cfg.data is not None:
+            report["config"]["data"] = _shown(cfg.data)
         if cfg.robustness:
-            report["robustness"] = _robustness(cfg, client, options, switcher, repository)
+            if cfg.data is not None:
+                report["robustness"], rows, report["data"] = _robustness_data(cfg, client, options, switcher,
+                                                                              repository)
+            else:
+                report["robustness"] = _robustness(cfg, client, options, switcher, repository)
+        if cfg.data is not None and rows is None:
+            task = cfg.task or served_task(client) or "classify"
+            rows, report["data"] = _data_rows(cfg, task, None)
         if cfg.load:
             switcher.restore()  # performance of what the server serves
-            report["load"] = _load(cfg, client, options, url, pid, switcher, report.get("robustness"))
+            report["load"] = _load(cfg, client, options, url, pid, switcher, report.get("robustness"), rows)
     finally:
         switcher.restore()
         client.close()
@@ -162,6 +176,9 @@ def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository
     levels = sorted({0.0, *cfg.levels})
     heads = discover_heads(repository, cfg.heads)
     say(f"heads found: {', '.join(h.name + ' (' + h.source + ')' for h in heads) or 'none'}")
+    skipped = {h.name: f"a {h.task} head (classes {list(h.classes)}): the shapes benchmark is a match task; "
+                       "evaluate it on its data with --data" for h in heads if h.task != "match"}
+    heads = [h for h in heads if h.task == "match"]
     data = R.Dataset.generate(cfg.per_kind, cfg.seed)
     calibration = R.Dataset.generate(cfg.calibration_per_kind, cfg.seed + 1)
     say(f"{len(data)} evaluation rows ({cfg.per_kind} per kind, seed {cfg.seed}); corrupting them at "
@@ -191,7 +208,7 @@ def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository
 
     strategies: dict[str, dict] = {}
     all_scores: dict[str, dict[str, np.ndarray]] = {}
-    failed: dict[str, str] = {}
+    failed: dict[str, str] = dict(skipped)
     todo: list[Head | None] = list(heads)
     while todo:
         head = todo.pop(0)
@@ -245,12 +262,217 @@ def _robustness(cfg: EvalConfig, client, options, switcher: Switcher, repository
     }
 
 
+# -- robustness on a dataset of the user's own (--data) -----------------------------------------------------------
+def _data_rows(cfg: EvalConfig, task: str, classes: tuple[str, ...] | None) -> tuple[R.DataRows, dict[str, Any]]:
+    """The manifest's usable rows (unusable ones reported with their line numbers, never fatal) and its
+    description for the report: path, sha256, rows used / usable / skipped, task, classes."""
+    from collections import Counter
+
+    from mmfuse.datasets import read_manifest
+    from mmfuse.train_data import sha256_of
+
+    manifest = read_manifest(cfg.data, task, classes=classes, min_rows=1)
+    if manifest.skipped:
+        say(manifest.report())
+    limit = cfg.max_rows or None
+    rows = R.DataRows.from_manifest(manifest, limit, cfg.seed)
+    say(f"{cfg.data}: {len(manifest.examples)} usable rows, {len(manifest.skipped)} skipped; "
+        f"{len(rows)} rows evaluated (task {task}, classes {', '.join(manifest.classes)})")
+    reasons = Counter(reason.split(":")[0] for _, reason in manifest.skipped)
+    described = {
+        "path": _shown(cfg.data), "sha256": sha256_of(Path(cfg.data)), "task": task, "classes": list(manifest.classes),
+        "rows_used": len(rows), "rows_usable": len(manifest.examples), "rows_skipped": len(manifest.skipped),
+        "skipped_reasons": dict(reasons.most_common()),
+        "skipped": [{"line": line, "reason": reason} for line, reason in manifest.skipped[:100]],
+        "selection": ("every usable row" if len(rows) == len(manifest.examples) else
+                      f"a seeded subset of {len(rows)} rows (seed {cfg.seed}, classes in turn; --max-rows)"),
+        "rows_per_class": {c: rows.labels.count(i) for i, c in enumerate(rows.classes)},
+        "example": {"line": rows.lines[rows.example_row()], "image": rows.image_paths[rows.example_row()],
+                    "text": rows.texts[rows.example_row()]} if len(rows) else None,
+    }
+    return rows, described
+
+
+def _served_classes(switcher: Switcher) -> tuple[str, ...]:
+    import json
+
+    text = switcher.original["fusion"].parameters["classes"].string_value if (
+        "classes" in switcher.original["fusion"].parameters) else ""
+    try:
+        value = json.loads(text) if text else []
+    except ValueError:
+        value = []
+    return tuple(str(c) for c in value) if isinstance(value, list) else ()
+
+
+def _data_heads(heads: list[Head], task: str, served: tuple[str, ...]) -> tuple[tuple[str, ...] | None, list[Head],
+                                                                                    dict[str, str]]:
+    """The classes of the evaluation (classify: the served head's, else the newest classify head's), the heads
+    that answer them, and why each other head is not evaluated."""
+    skipped: dict[str, str] = {}
+    if task == "match":
+        chosen = [h for h in heads if h.task == "match"]
+        skipped = {h.name: f"a {h.task} head; the data is {task}" for h in heads if h.task != "match"}
+        return None, chosen, skipped
+    candidates = [h for h in heads if h.task == "classify"]
+    classes = served if served and any(h.classes == served for h in candidates) else (
+        candidates[-1].classes if candidates else None)
+    chosen = []
+    for h in heads:
+        if h.task != "classify":
+            skipped[h.name] = f"a {h.task} head; the data is {task}"
+        elif h.classes != classes:
+            skipped[h.name] = f"classes {list(h.classes)} differ from the evaluated classes {list(classes or ())}"
+        else:
+            chosen.append(h)
+    return classes, chosen, skipped
+
+
+def _robustness_data(cfg: EvalConfig, client, options, switcher: Switcher,
+                     repository: Path) -> tuple[dict[str, Any], R.DataRows, dict[str, Any]]:
+    from mmfuse.datasets import DatasetError
+
+    names = [n for n in cfg.corruptions if n in C.CORRUPTIONS]
+    levels = sorted({0.0, *cfg.levels})
+    all_heads = discover_heads(repository, cfg.heads)
+    task = cfg.task or served_task(client) or next((h.task for h in reversed(all_heads)), "classify")
+    say(f"heads found: {', '.join(f'{h.name} ({h.source}, {h.task})' for h in all_heads) or 'none'}; data task {task}")
+    classes, heads, failed = _data_heads(all_heads, task, _served_classes(switcher))
+    if task == "classify" and classes is None:
+        say("no classify head in the repository: the classes are the labels of the data")
+    rows, described = _data_rows(cfg, task, classes)
+    if not len(rows):
+        raise DatasetError(f"{cfg.data}: no usable rows")
+    chance = M.chance_of(rows.classes)
+    conds = R.conditions(rows, names, levels, cfg.seed)
+    say(f"{len(rows)} rows, corrupted at {len(levels)} levels x {len(names)} corruptions; chance {chance:.3f}")
+
+    references: dict[Path, R.ReferenceHeads] = {}
+    for h in heads:
+        if R.has_references(h.path):
+            references[h.path] = R.ReferenceHeads(h.path)
+    cache = R.EmbeddingCache(client, options, cfg.batch * 2, cfg.in_flight)
+    if references:
+        images = [x for c in conds for x in c.images]
+        texts = [t for c in conds for t in c.texts]
+        bar = _bar(len(images) + len(texts), "single-modality references: served embeddings")
+        cache.fill("image", images, bar.update)
+        cache.fill("text", texts, bar.update)
+        bar.close()
+    reference_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    reference_figures: dict[str, dict[str, dict]] = {}
+    for path, refs in references.items():
+        source = _shown(path)
+        per = {"image": {}, "text": {}}
+        for c in conds:
+            out = refs.outputs(cache, c)
+            per["image"][c.key], per["text"][c.key] = out["image"], out["text"]
+        reference_scores[source] = per
+        reference_figures[source] = {m: R.figures(per[m], rows, names, levels) for m in ("image", "text")}
+
+    strategies: dict[str, dict] = {}
+    all_scores: dict[str, dict[str, np.ndarray]] = {}
+    singles: dict[str, dict[str, dict]] = {}
+    reference_of: dict[str, str | None] = {}
+    todo: list[Head | None] = list(heads)
+    evaluated_heads: list[Head] = list(heads)
+    while todo:
+        head = todo.pop(0)
+        name = head.name if head is not None else f"served ({switcher.served_head()})"
+        bar = _bar(len(conds) * len(rows), f"{name}: fuse_image_text")
+        check: dict[str, int] = {}
+        try:
+            scores = R.evaluate_strategy(client, options, head, switcher, conds, rows, cfg.batch, cfg.in_flight,
+                                         bar.update, task=task, label_check=check)
+        except Exception as error:  # noqa: BLE001 - one head that does not load must not end the evaluation
+            failed[name] = f"{type(error).__name__}: {error}"
+            say(f"{name}: not evaluated: {failed[name]}")
+            if head is not None and _control_refused(str(error)):
+                for h in heads:
+                    failed[h.name] = ("the server does not allow model control (start it with --model-control-mode "
+                                      "explicit)")
+                switcher.changed = False
+                ok = served_task(client) == task and (task == "match" or _served_classes(switcher) == classes)
+                todo = [None] if ok else []
+                say("no model control: evaluating what the server serves" if todo else
+                    f"no model control and the served {ENSEMBLE} does not answer this data's task/classes: "
+                    "nothing to evaluate")
+            continue
+        finally:
+            bar.close()
+        all_scores[name] = scores
+        fig = R.figures(scores, rows, names, levels)
+        fig["output"] = "PROBS" if task == "classify" else "SCORE"
+        if check:
+            fig["label_check"] = check
+        strategies[name] = fig
+        path = head.path if head is not None else None
+        source = _shown(path) if path is not None and path in references else (
+            next(iter(reference_figures), None))
+        reference_of[name] = source
+        if source is not None:
+            singles[name] = reference_figures[source]
+        clean = fig["clean"]
+        say(f"{name}: clean balanced accuracy {clean['balanced']:.3f}, macro-F1 {clean['macro_f1']:.3f} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in clean['by_class'].items())})")
+        if head is None:
+            evaluated_heads.append(Head(name, "served", Path("."), "served as is",
+                                        {"task": task, "classes": list(classes or ())}))
+    late = next((h.name for h in evaluated_heads if h.strategy == "late" and h.name in strategies), None)
+    baseline_note = None if late else (
+        f"no late head of task {task}" + (f" with classes {list(rows.classes)}" if task == "classify" else "")
+        + " was evaluated: effective robustness n/a (train one: mmfuse train --data ... --strategy late)")
+    R.compare(strategies, None, late, names, levels, chance=chance, singles=singles, retention_reference="remaining")
+    for s, fig in strategies.items():
+        if s not in singles:
+            fig["retention_note"] = ("no single-modality references (references/image, references/text of the "
+                                     "head's version folder, written by mmfuse train --data): retention and the "
+                                     "catastrophic flag n/a")
+    for fig in [*strategies.values(), *(f for per in reference_figures.values() for f in per.values())]:
+        fig.pop("conditions")
+    np.savez_compressed(
+        cfg.out / "scores.npz", labels=np.asarray(rows.labels), lines=np.asarray(rows.lines),
+        classes=np.asarray(rows.classes),
+        **{f"{s}|{k}": v for s, per in all_scores.items() for k, v in per.items()},
+        **{f"reference:{src}:{m}|{k}": v for src, per in reference_scores.items() for m, d in per.items()
+           for k, v in d.items()})
+    task_text = (f"classify: {len(rows.classes)} classes, the served PROBS (argmax) against the row's label"
+                 if task == "classify" else "match: the served SCORE (> 0.5 = match) against the row's 0/1 label")
+    result = {
+        "mode": "data",
+        "task": f"{described['path']} ({task_text}).",
+        "task_name": task,
+        "classes": list(rows.classes),
+        "chance": chance,
+        "dataset": {"rows": len(rows), "seed": cfg.seed, "path": described["path"], "sha256": described["sha256"],
+                    "rows_per_class": described["rows_per_class"]},
+        "levels": levels,
+        "corruptions": {n: {"modality": C.CORRUPTIONS[n].modality, "label": C.CORRUPTIONS[n].label} for n in names},
+        "heads": [{"name": h.name, "strategy": h.strategy, "source": h.source, "path": _shown(h.path),
+                   "hparams": h.description.get("hparams", {}), "task": h.task, "classes": list(h.classes),
+                   "references": reference_of.get(h.name)} for h in evaluated_heads],
+        "heads_found": [{"name": h.name, "source": h.source, "task": h.task, "classes": list(h.classes)}
+                        for h in all_heads],
+        "baseline": late,
+        "baseline_note": baseline_note,
+        "not_evaluated": failed,
+        "strategies": strategies,
+        "single_modality": {"references": reference_figures, "of_strategy": reference_of},
+    }
+    return result, rows, described
+
+
 # -- performance -------------------------------------------------------------------------------------------------
 def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher: Switcher,
-          robustness: dict | None) -> dict[str, Any]:
-    data = R.Dataset.generate(8, cfg.seed + 2)
-    pool_images = [x for i, x in enumerate(data.images) if data.kinds[i] == "positive"][:16] or data.images[:16]
-    pool_texts = [t for i, t in enumerate(data.texts) if data.kinds[i] == "positive"][:16] or data.texts[:16]
+          robustness: dict | None, rows: R.DataRows | None = None) -> dict[str, Any]:
+    if rows is not None:  # the user's rows: those with both modalities first
+        both = [i for i in range(len(rows)) if rows.images[i] and rows.texts[i]]
+        chosen = (both + [i for i in range(len(rows)) if i not in both])[:16]
+        pool_images, pool_texts = [rows.images[i] for i in chosen], [rows.texts[i] for i in chosen]
+    else:
+        data = R.Dataset.generate(8, cfg.seed + 2)
+        pool_images = [x for i, x in enumerate(data.images) if data.kinds[i] == "positive"][:16] or data.images[:16]
+        pool_texts = [t for i, t in enumerate(data.texts) if data.kinds[i] == "positive"][:16] or data.texts[:16]
     ensembles = list(cfg.ensembles) or served_ensembles(client)
     runs: list[dict] = []
     pools: dict[str, list] = {}
@@ -281,13 +503,15 @@ def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher:
     overhead = []
     if robustness and ENSEMBLE in ensembles:
         concurrency = max(cfg.concurrencies)
-        outputs = ["FUSED", "MODALITY_MASK", "MODALITY_STATUS", "SCORE"]
         for h in robustness["heads"]:
             if h["name"] not in robustness["strategies"]:
                 continue
+            task = h.get("task") or "match"
+            outputs = ["FUSED", "MODALITY_MASK", "MODALITY_STATUS"] + (
+                ["PROBS", "LABEL"] if task == "classify" else ["SCORE"])
             if h["strategy"] != "served":
                 switcher.use(Head(h["name"], h["strategy"], Path(h["path"]).resolve(), h["source"],
-                                  {"hparams": h["hparams"]}))
+                                  {"hparams": h["hparams"], "task": task, "classes": h.get("classes") or []}))
             # A freshly loaded fusion model's first requests are slow: a discarded run first.
             L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency,
                       min(50, cfg.load_requests), cfg.load_seconds, None, cfg.timeout_s)

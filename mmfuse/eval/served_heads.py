@@ -1,9 +1,10 @@
 """The server side of the evaluation: which trained heads exist, serving each one, scoring rows.
 
 Strategies are switched on the running server by parameters only, as ``mmfuse reconfigure`` does:
-``load_model("fusion", config=<served config with strategy / head_dir changed>)`` and, where the
-served ``fuse_image_text`` does not expose ``SCORE`` yet, the ensemble with that output added. This
-needs ``--model-control-mode=explicit``; the served configs are put back at the end.
+``load_model("fusion", config=<served config with strategy / head_dir / classes changed>)`` and the
+ensemble exposing the head's task outputs (``SCORE`` for a match head; ``PROBS`` and ``LABEL`` for a
+classify head, whose class names become the fusion model's ``classes`` parameter), the other task's
+outputs removed. This needs ``--model-control-mode=explicit``; the served configs are put back at the end.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from mmfuse.wire import bytes_column
 
 FUSION = "fusion"
 ENSEMBLE = "fuse_image_text"
+# The fusion model's task outputs (as mmfuse.export declares them): name -> (data type, dims per row).
+TASK_OUTPUTS = {"SCORE": ("TYPE_FP32", (1,)), "PROBS": ("TYPE_FP32", (-1,)), "LABEL": ("TYPE_STRING", (1,))}
+OUTPUTS_OF_TASK = {"match": ("SCORE",), "classify": ("PROBS", "LABEL")}
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,18 @@ class Head:
     path: Path  # the folder holding the head
     source: str  # where it came from, for the report
     description: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def task(self) -> str:
+        """``match`` or ``classify``: the record's top-level ``task`` (mmfuse train --data), else the hparams'."""
+        return str(self.description.get("task") or self.description.get("hparams", {}).get("task") or "match")
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        if self.task != "classify":
+            return ()
+        return tuple(str(c) for c in (self.description.get("classes")
+                                      or self.description.get("hparams", {}).get("classes") or ()))
 
     @property
     def is_late_similarity(self) -> bool:
@@ -120,16 +136,18 @@ class Switcher:
         fusion.parameters["head_dir"].string_value = self.head_dir_for(head)
         if "allow_random_init" in fusion.parameters:
             fusion.parameters["allow_random_init"].string_value = "false"
+        if head.classes or "classes" in fusion.parameters:
+            fusion.parameters["classes"].string_value = json.dumps(list(head.classes)) if head.classes else ""
+        wanted = OUTPUTS_OF_TASK[head.task]
+        declared = {o.name for o in fusion.output}
+        for name in wanted:
+            if name not in declared:  # an older fusion config: declare the output the head gives
+                data_type, dims = TASK_OUTPUTS[name]
+                fusion.output.append(json_format.ParseDict({"name": name, "data_type": data_type, "dims": list(dims)},
+                                                           type(fusion.output[0])()))
         self.changed = True
         self.client.load_model(FUSION, config=config_json(fusion))
-        ensemble = type(self.original[ENSEMBLE])()
-        ensemble.CopyFrom(self.original[ENSEMBLE])
-        if "SCORE" not in {o.name for o in ensemble.output}:
-            for step in ensemble.ensemble_scheduling.step:
-                if step.model_name == FUSION:
-                    step.output_map["SCORE"] = "SCORE"
-            score_type = next(o.data_type for o in fusion.output if o.name == "SCORE")
-            ensemble.output.add(name="SCORE", data_type=score_type, dims=[1])
+        ensemble = task_ensemble(self.original[ENSEMBLE], fusion, head.task)
         self.client.load_model(ENSEMBLE, config=json_format.MessageToJson(ensemble))
         if not self.client.is_model_ready(ENSEMBLE):
             raise RuntimeError(f"{ENSEMBLE} is not ready after loading head {head.name}")
@@ -142,6 +160,40 @@ class Switcher:
         self.client.load_model(FUSION, config=config_json(self.original[FUSION]))
         self.client.load_model(ENSEMBLE, config=config_json(self.original[ENSEMBLE]))
         self.changed = False
+
+
+def task_ensemble(original, fusion, task: str):
+    """A copy of the ensemble config that exposes exactly the task outputs of ``task`` from the fusion step."""
+    ensemble = type(original)()
+    ensemble.CopyFrom(original)
+    wanted = OUTPUTS_OF_TASK[task]
+    for step in ensemble.ensemble_scheduling.step:
+        if step.model_name != FUSION:
+            continue
+        for name in TASK_OUTPUTS:
+            if name in wanted:
+                step.output_map[name] = name
+            elif name in step.output_map and step.output_map[name] == name:
+                del step.output_map[name]
+    keep = [o for o in ensemble.output if o.name not in TASK_OUTPUTS or o.name in wanted]
+    present = {o.name for o in keep}
+    del ensemble.output[:]
+    ensemble.output.extend(keep)
+    for name in wanted:
+        if name not in present:
+            data_type = next((o.data_type for o in fusion.output if o.name == name), None)
+            if data_type is None:
+                from tritonclient.grpc import model_config_pb2
+
+                data_type = model_config_pb2.DataType.Value(TASK_OUTPUTS[name][0])
+            ensemble.output.add(name=name, data_type=data_type, dims=list(TASK_OUTPUTS[name][1]))
+    return ensemble
+
+
+def served_task(client, name: str = ENSEMBLE) -> str | None:
+    """The served ensemble's task, by its outputs: classify (PROBS), match (SCORE) or None."""
+    outputs = served_outputs(client, name)
+    return "classify" if "PROBS" in outputs else "match" if "SCORE" in outputs else None
 
 
 def served_outputs(client, name: str) -> list[str]:
