@@ -201,8 +201,9 @@ def apply(name: str, level: float, images: list[bytes], texts: list[str],
             if corruption.modality in (TEXT, BOTH) and level > 0 and u_text < level:
                 texts[i] = ""
         return images, texts
+    # A row whose modality is already missing (a dataset row without an image or text) stays missing.
     if corruption.modality == IMAGE:
-        images = [corruption.function(x, level, rng) for x in images]
+        images = [corruption.function(x, level, rng) if x else x for x in images]
     else:
-        texts = [corruption.function(t, level, rng) for t in texts]
+        texts = [corruption.function(t, level, rng) if t else t for t in texts]
     return images, texts

@@ -94,7 +94,11 @@ def plot_robustness(rob: dict, path: Path) -> None:
     handles.append(plt.Line2D([], [], color="red", marker="x", ls="", mew=2))
     labels.append("catastrophic (below single-modality)")
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), frameon=False)
-    fig.suptitle("Balanced accuracy of the match SCORE under each imperfection (chance 0.5)")
+    if rob.get("mode") == "data":
+        fig.suptitle(f"Balanced accuracy (mean per-class recall) on {rob['dataset']['path']} under each imperfection "
+                     f"(chance {rob['chance']:.3g})")
+    else:
+        fig.suptitle("Balanced accuracy of the match SCORE under each imperfection (chance 0.5)")
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     _save(fig, path)
     plt.close(fig)
@@ -107,7 +111,9 @@ def plot_kinds(rob: dict, strategy: str, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.5 * rows), sharey=True, squeeze=False)
     for ax, name in zip(axes.flat, names):
         curve = rob["strategies"][strategy]["curves"][name]
-        for kind, values in curve["by_kind"].items():
+        groups = curve["by_class"] if "by_class" in curve else curve["by_kind"]
+        for kind, values in groups.items():
+            values = [np.nan if v is None else v for v in values]
             ax.plot(curve["levels"], values, marker="o", ms=3, color=KIND_COLOURS.get(kind), label=kind)
         ax.plot(curve["levels"], curve["balanced"], "k--", lw=1.2, label="balanced")
         ax.set_title(rob["corruptions"][name]["label"])
@@ -118,9 +124,12 @@ def plot_kinds(rob: dict, strategy: str, path: Path) -> None:
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle(f"{strategy}: accuracy per kind (positives, relation-swapped and attribute negatives)")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), frameon=False)
+    if rob.get("mode") == "data":
+        fig.suptitle(f"{strategy}: recall per class")
+    else:
+        fig.suptitle(f"{strategy}: accuracy per kind (positives, relation-swapped and attribute negatives)")
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * (len(labels) // 7), 1, 0.97))
     _save(fig, path)
     plt.close(fig)
 
@@ -174,8 +183,9 @@ def plot_auc(rob: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_corruption_examples(rob: dict, path: Path, seed: int) -> None:
-    """One benchmark image under each image corruption, and its caption under each text corruption."""
+def plot_corruption_examples(rob: dict, path: Path, seed: int, example: tuple[bytes, str] | None = None) -> None:
+    """One benchmark image under each image corruption, and its caption under each text corruption (``example``:
+    a data row's image bytes and text instead)."""
     import io
 
     from PIL import Image
@@ -183,15 +193,18 @@ def plot_corruption_examples(rob: dict, path: Path, seed: int) -> None:
     from mmfuse import shapes
 
     plt = _plt()
-    example = shapes.balanced(1, seed)[0]
-    png, caption = shapes.png_bytes(example.image), example.caption
+    if example is None:
+        row = shapes.balanced(1, seed)[0]
+        png, caption = shapes.png_bytes(row.image), row.caption
+    else:
+        png, caption = example
     image_names = [c.name for c in C.IMAGE_CORRUPTIONS if c.name in rob["corruptions"]]
     text_names = [c.name for c in C.TEXT_CORRUPTIONS if c.name in rob["corruptions"]]
     levels = [0.0, 0.2, 0.5, 0.8, 1.0]
-    lines = [f"{'caption':>18}  {caption}"]
+    lines = [f"{'caption':>18}  {(caption or '(missing)')[:90]}"]
     for name in text_names:
         for p in (0.3, 1.0):
-            text = C.apply(name, p, [png], [caption], seed)[1][0] or "(missing)"
+            text = (C.apply(name, p, [png], [caption], seed)[1][0] or "(missing)")[:90]
             lines.append(f"{name + ' ' + format(p, 'g'):>18}  {text}")
     cell, left, top, text_h = 1.25, 1.9, 0.7, 0.16 * len(lines) + 0.3
     width = left + cell * len(levels) + 0.2
@@ -201,7 +214,7 @@ def plot_corruption_examples(rob: dict, path: Path, seed: int) -> None:
         for c, p in enumerate(levels):
             ax = fig.add_axes(((left + c * cell) / fig.get_figwidth(), 1 - (top + (r + 1) * cell - 0.12) / height,
                                (cell - 0.15) / fig.get_figwidth(), (cell - 0.3) / height))
-            data = C.apply(name, p, [png], [caption], seed)[0][0]
+            data = C.apply(name, p, [png], [caption], seed)[0][0] if png else b""
             try:
                 ax.imshow(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
             except Exception:  # noqa: BLE001 - truncated bytes: what the server sees
@@ -217,7 +230,10 @@ def plot_corruption_examples(rob: dict, path: Path, seed: int) -> None:
             if c == 0:
                 ax.set_ylabel(C.CORRUPTIONS[name].label, rotation=0, ha="right", va="center")
     fig.text(0.02, text_h / height - 0.02, "\n".join(lines), family="monospace", fontsize=8, va="top")
-    fig.suptitle("The imperfections on one benchmark row (images 64 x 64; text corruptions below)")
+    if example is None:
+        fig.suptitle("The imperfections on one benchmark row (images 64 x 64; text corruptions below)")
+    else:
+        fig.suptitle("The imperfections on one row of the data (text corruptions below)")
     _save(fig, path)
     plt.close(fig)
 
@@ -406,6 +422,135 @@ def _robustness_md(rob: dict, lines: list[str]) -> None:
     lines += ["", "![the imperfections on one row](corruptions.png)", ""]
 
 
+def _data_md(data: dict, lines: list[str]) -> None:
+    lines += [
+        "## Data", "",
+        f"`{data['path']}` (sha256 `{data['sha256']}`), task **{data['task']}**, classes "
+        f"{', '.join(f'`{c}`' for c in data['classes'])}: {data['rows_usable']} usable rows, "
+        f"**{data['rows_used']} used** ({data['selection']}), **{data['rows_skipped']} skipped**"
+        + (f" ({', '.join(f'{n} {r}' for r, n in data['skipped_reasons'].items())})" if data["skipped_reasons"] else "")
+        + ".", ""]
+    if data.get("rows_per_class"):
+        lines += ["Rows used per class: " + ", ".join(f"`{c}` {n}" for c, n in data["rows_per_class"].items()) + ".",
+                  ""]
+    if data["skipped"]:
+        lines += ["| line | why skipped |", "| --- | --- |"]
+        lines += [f"| {s['line']} | {s['reason']} |" for s in data["skipped"][:20]]
+        if data["rows_skipped"] > 20:
+            lines.append(f"| ... | {data['rows_skipped'] - 20} more in report.json (the first 100) |")
+        lines.append("")
+
+
+def _robustness_data_md(rob: dict, lines: list[str]) -> None:
+    names = list(rob["corruptions"])
+    image = [n for n in names if rob["corruptions"][n]["modality"] == "image" and not n.startswith("dropout")]
+    text = [n for n in names if rob["corruptions"][n]["modality"] == "text" and not n.startswith("dropout")]
+    drop = [n for n in names if n.startswith("dropout")]
+    classes = rob["classes"]
+    chance = rob["chance"]
+    lines += [
+        "## Robustness on the data", "",
+        f"Task: {rob['task']} {rob['dataset']['rows']} rows, the same rows at every level of every imperfection, "
+        f"levels {', '.join(f'{p:g}' for p in rob['levels'])}. Accuracy is **balanced accuracy**, the mean per-class "
+        f"recall (chance {chance:.3g} = 1/{len(classes)}: any constant answer scores it; a head that cannot decide "
+        "answers uniform PROBS, whose argmax is the first class, or SCORE 0.5 = no match); macro-F1 beside it.", "",
+        "Strategies are the heads of the repository's fusion version folders whose task and classes match the data, "
+        "each served in turn by the running server (parameters only: `load_model` with `strategy` / `head_dir` / "
+        "`classes`, the ensemble exposing the head's outputs), every row sent through `fuse_image_text`.", "",
+        "| strategy | source | output | clean | macro-F1 | image absent | text absent | AUC image | AUC text | "
+        "AUC dropout | eff. robustness (mean) | flags |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    heads = {h["name"]: h for h in rob["heads"]}
+    for s, fig in rob["strategies"].items():
+        c = fig["clean"]
+
+        def auc(group: list[str], fig=fig) -> str:
+            values = [fig["curves"][n]["relative_robustness"] for n in group]
+            return _num(float(np.mean(values)), 3) if values else "-"
+
+        ers = [fig["curves"][n].get("effective_robustness_mean") for n in names]
+        er = "(baseline)" if s == rob["baseline"] else (_num(float(np.mean(ers)), 3) if ers and None not in ers
+                                                        else "n/a")
+        absent = {k: fig["retention"].get(f"{k}_absent", {}).get("accuracy") for k in ("image", "text")}
+        lines.append(
+            f"| {s} | {heads[s]['source']} | {fig.get('output', '-')} | {_pct(c['balanced'])} | {_num(c['macro_f1'], 3)} | "
+            f"{_pct(absent['image'])} | {_pct(absent['text'])} | {auc(image)} | {auc(text)} | {auc(drop)} | {er} | "
+            f"{len(fig['flags'])} |")
+    refs = rob["single_modality"]["references"]
+    for source, per in refs.items():
+        for m in ("image", "text"):
+            c = per[m]["clean"]
+            lines.append(f"| *{m}-only reference* | {source} | | {_pct(c['balanced'])} | {_num(c['macro_f1'], 3)} "
+                         "| | | | | | | |")
+    lines += ["", "Clean: balanced accuracy on the clean rows. AUC: relative robustness, the area under the "
+              "balanced-accuracy curve over p in [0, 1], averaged over the image corruptions, the text corruptions and "
+              "the three dropouts. Effective robustness: the curve minus the late-fusion curve "
+              + (f"(`{rob['baseline']}`) shifted to the same clean accuracy, averaged over levels and corruptions."
+                 if rob["baseline"] else f"- n/a: {rob['baseline_note']}."), ""]
+    lines += ["Recall per class, clean rows:", "",
+              "| strategy | " + " | ".join(f"`{c}`" for c in classes) + " |", "| --- |" + " --- |" * len(classes)]
+    for s, fig in rob["strategies"].items():
+        by = fig["clean"]["by_class"]
+        lines.append(f"| {s} | " + " | ".join(_pct(by.get(c)) for c in classes) + " |")
+    for per in refs.values():
+        for m in ("image", "text"):
+            by = per[m]["clean"]["by_class"]
+            lines.append(f"| *{m}-only reference* | " + " | ".join(_pct(by.get(c)) for c in classes) + " |")
+    lines += ["", "**Single-modality references** (the reference of retention and of the catastrophic flag): the "
+              "classifiers `mmfuse train --data` fitted on one modality's pooled embedding on the same training rows "
+              "(`references/image`, `references/text` of the head's version folder), run here on the served "
+              "embeddings (`embed_image`, `embed_text`) of the same corrupted inputs; a row whose modality is missing "
+              "or undecodable gets the constant answer.", "",
+              "**Retention** with a modality absent = (balanced accuracy with it removed from every row - chance) / "
+              "(the reference of the remaining modality under the same condition - chance); `n/a` when that "
+              "reference is not above chance by two standard errors.", "",
+              "| strategy | image absent | text-only reference | retention | text absent | image-only reference | "
+              "retention |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s, fig in rob["strategies"].items():
+        r = fig["retention"]
+        cells = []
+        for key in ("image_absent", "text_absent"):
+            e = r.get(key)
+            if e is None:
+                cells += ["-", "-", "n/a"]
+            else:
+                cells += [_pct(e["accuracy"]), _pct(e.get("reference_accuracy")),
+                          "n/a" if e["retention"] is None else f"{e['retention']:.2f}"]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+        if fig.get("retention_note"):
+            lines.append(f"| | {fig['retention_note']} | | | | | |")
+    lines += ["", "**Catastrophic degradation**: a strategy is flagged at a level where its balanced accuracy is below "
+              f"the better single-modality reference's under the same condition by more than {M.FLAG_Z} standard "
+              "errors of the difference.", ""]
+    flags = [(s, f) for s, fig in rob["strategies"].items() for f in fig["flags"]]
+    if flags:
+        lines += ["| strategy | imperfection | p | balanced accuracy | best single-modality |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s} | {rob['corruptions'][f['corruption']]['label']} | {f['level']:g} | {_pct(f['accuracy'])} | "
+                  f"{_pct(f['single_modality'])} |" for s, f in flags]
+    elif rob["strategies"]:
+        lines.append("No strategy falls below the single-modality references anywhere.")
+    if rob["strategies"]:
+        lines += ["", "Relative robustness (AUC) per imperfection:", "",
+                  "| strategy | " + " | ".join(rob["corruptions"][n]["label"] for n in names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        for s, fig in rob["strategies"].items():
+            lines.append(f"| {s} | " + " | ".join(f"{fig['curves'][n]['relative_robustness']:.3f}" for n in names)
+                         + " |")
+    else:
+        lines.append("No head of this task and these classes was evaluated.")
+    if rob.get("not_evaluated"):
+        lines += ["", "Not evaluated:", ""] + [f"* {k}: {v}" for k, v in rob["not_evaluated"].items()]
+    if rob["strategies"]:
+        lines += ["", "![robustness](robustness.png)", "", "![relative robustness](auc.png)", ""]
+        if rob["baseline"]:
+            lines += ["![effective robustness](effective_robustness.png)", ""]
+        for s in rob["strategies"]:
+            lines += [f"![{s} per class]({_slug(s)}_kinds.png)", ""]
+        lines += ["![the imperfections on one row](corruptions.png)", ""]
+
+
 def _load_md(load: dict, lines: list[str]) -> None:
     b = load["bounds"]
     lines += [
@@ -489,8 +634,13 @@ def markdown(report: dict) -> str:
         f"`{report['server']['repository']}` (served fusion: {report['server']['served_fusion']}). Every figure is "
         "in `report.json`; per-row scores in `scores.npz`.", "",
     ]
+    if "data" in report:
+        _data_md(report["data"], lines)
     if "robustness" in report:
-        _robustness_md(report["robustness"], lines)
+        if report["robustness"].get("mode") == "data":
+            _robustness_data_md(report["robustness"], lines)
+        else:
+            _robustness_md(report["robustness"], lines)
     if "load" in report:
         _load_md(report["load"], lines)
     return "\n".join(lines) + "\n"
@@ -502,10 +652,11 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         rob = report["robustness"]
         plot_robustness(rob, out / "robustness.png")
         plot_auc(rob, out / "auc.png")
-        plot_effective(rob, out / "effective_robustness.png")
+        if rob["baseline"] is not None or rob.get("mode") != "data":
+            plot_effective(rob, out / "effective_robustness.png")
         for s in rob["strategies"]:
             plot_kinds(rob, s, out / f"{_slug(s)}_kinds.png")
-        plot_corruption_examples(rob, out / "corruptions.png", rob["dataset"]["seed"])
+        plot_corruption_examples(rob, out / "corruptions.png", rob["dataset"]["seed"], _data_example(report))
     if "load" in report and report["load"]["runs"]:
         plot_latency(report["load"], out / "latency.png")
         plot_breakdown(report["load"], out / "breakdown.png")
@@ -516,6 +667,15 @@ def write_report(report: dict[str, Any], out: Path) -> None:
                   text)
     (out / "report.json").write_text(text + "\n")
     (out / "report.md").write_text(markdown(report))
+
+
+def _data_example(report: dict) -> tuple[bytes, str] | None:
+    """The row the corruption examples show in data mode (its image read from its path), else None."""
+    example = (report.get("data") or {}).get("example")
+    if report["robustness"].get("mode") != "data" or not example:
+        return None
+    image = Path(example["image"]) if example.get("image") else None
+    return (image.read_bytes() if image is not None and image.is_file() else b""), example.get("text") or ""
 
 
 def _rounded(value: Any, digits: int = 6) -> Any:
