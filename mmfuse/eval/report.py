@@ -167,7 +167,7 @@ def plot_auc(rob: dict, path: Path) -> None:
     names = list(rob["corruptions"])
     strategies = list(rob["strategies"])
     values = np.array([[rob["strategies"][s]["curves"][n]["relative_robustness"] for n in names] for s in strategies])
-    fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(names), max(3.2, 1.6 + 0.45 * len(strategies))))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.0 + 0.85 * len(names)), max(3.2, 1.6 + 0.45 * len(strategies))))
     image = ax.imshow(values, vmin=0.3, vmax=1.0, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(names)), [rob["corruptions"][n]["label"] for n in names], rotation=35, ha="right")
     ax.set_yticks(range(len(strategies)), strategies)
