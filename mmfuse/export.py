@@ -65,6 +65,8 @@ def set_fusion_head(repository: Path, fusion_model: str, strategy: str, head_dir
     given = OUTPUTS_OF_TASK[task if has_head else None]
     for ensemble in ensembles_using(repository, fusion_model):
         for name, (data_type, dims) in TASK_OUTPUTS.items():
+            if name == "PROBS" and classes:  # the public shape names the class count: [C]
+                dims = (len(classes),)
             set_output(repository, ensemble, fusion_model, name, name in given, data_type, dims)
 
 

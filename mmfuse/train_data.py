@@ -25,6 +25,8 @@ from .datasets import DatasetError, Manifest, read_manifest
 
 REFERENCES = "references"
 MIN_TRAIN_ROWS = 8
+HOLDOUT_FRACTION = 0.1  # validation rows held out of --data when neither --val nor a split column gives any
+HOLDOUT_MIN_ROWS = 50  # below this many rows nothing is held out (and there is no validation)
 
 
 def say(message: str) -> None:
@@ -88,11 +90,13 @@ def split_of(manifest: Manifest, cache, task: str, classes, keep: Callable[[Any]
     return Split(manifest, cache, rows, label_array([manifest.examples[i].label for i in rows], task, classes))
 
 
-def prepare(repository: Path, data: Path, val: Path | None, task: str, cache_dir: Path | None = None) -> Prepared:
+def prepare(repository: Path, data: Path, val: Path | None, task: str, cache_dir: Path | None = None,
+            seed: int = 0, holdout: bool = True) -> Prepared:
     """Read the manifests, cache their features, and pick the training and validation rows.
 
     Without ``val`` the ``split`` column decides (rows marked ``val`` validate, the others train);
-    without either there is no validation."""
+    without either, a seeded ``HOLDOUT_FRACTION`` of the rows validates (none below ``HOLDOUT_MIN_ROWS``), unless
+    ``holdout`` is false (every row trains: compare scores on its own test file)."""
     train_manifest = read(data, task, min_rows=MIN_TRAIN_ROWS)
     classes = train_manifest.classes
     if task == "classify" and len(classes) < 2:
@@ -104,15 +108,31 @@ def prepare(repository: Path, data: Path, val: Path | None, task: str, cache_dir
         val_split = split_of(val_manifest, features(repository, val_manifest, cache_dir), task, classes, lambda e: True)
         train_split = split_of(train_manifest, train_cache, task, classes, lambda e: True)
     else:
-        has_val = any(e.split == "val" for e in train_manifest.examples)
-        train_split = split_of(train_manifest, train_cache, task, classes, lambda e: e.split != "val")
-        val_split = split_of(train_manifest, train_cache, task, classes, lambda e: e.split == "val") if has_val else None
+        held = _held_out(train_manifest, seed) if holdout else set()
+        train_split = split_of(train_manifest, train_cache, task, classes, lambda e: id(e) not in held)
+        val_split = split_of(train_manifest, train_cache, task, classes, lambda e: id(e) in held) if held else None
     if len(train_split.rows) < MIN_TRAIN_ROWS:
         raise DatasetError(f"{data}: {len(train_split.rows)} training rows, fewer than the {MIN_TRAIN_ROWS} needed")
     extraction = {"seconds": round(time.monotonic() - started, 2), "train_cache_hit": train_cache.hit}
     if not train_cache.hit:
         extraction["rows_per_s"] = round(train_cache.rows / max(train_cache.seconds, 1e-9), 2)
     return Prepared(task, classes, train_split, val_split, extraction)
+
+
+def _held_out(manifest: Manifest, seed: int) -> set[int]:
+    """The validation rows of a manifest read without --val (as ``id()`` of its examples)."""
+    marked = {id(e) for e in manifest.examples if e.split == "val"}
+    if marked:
+        say(f"{manifest.path.name}: {len(marked)} rows marked split=val validate")
+        return marked
+    n = len(manifest.examples)
+    if n < HOLDOUT_MIN_ROWS:
+        say(f"{manifest.path.name}: no --val and only {n} rows: no validation")
+        return set()
+    picked = np.random.default_rng(seed).permutation(n)[: max(1, round(HOLDOUT_FRACTION * n))]
+    say(f"{manifest.path.name}: no --val and no split=val rows: {len(picked)} rows ({HOLDOUT_FRACTION:.0%}, "
+        f"seed {seed}) held out for validation")
+    return {id(manifest.examples[i]) for i in picked}
 
 
 def bar(total: int, desc: str):

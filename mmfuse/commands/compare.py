@@ -91,7 +91,7 @@ def run_on_data(args: argparse.Namespace) -> int:
     cfg = FitConfig(task=args.task, steps=args.steps or 0, epochs=args.epochs, seed=args.seed)
     started = time.monotonic()
     try:
-        prepared = prepare(repo, Path(args.data), None, args.task, cache_dir)
+        prepared = prepare(repo, Path(args.data), None, args.task, cache_dir, holdout=False)
         test_manifest = read(Path(args.test), args.task, classes=prepared.classes)
         test = split_of(test_manifest, features(repo, test_manifest, cache_dir), args.task, prepared.classes,
                       lambda e: True)

@@ -126,7 +126,7 @@ def run_on_data(args: argparse.Namespace) -> int:
     command = "mmfuse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         prepared = prepare(repo, Path(args.data), Path(args.val) if args.val else None, task,
-                           Path(args.cache_dir) if args.cache_dir else None)
+                           Path(args.cache_dir) if args.cache_dir else None, seed=args.seed)
         record = train(repo, prepared, cfg, export=not args.no_export, fusion_model=args.fusion_model,
                        command=command)
     except (DatasetError, ValueError, FileNotFoundError) as error:
