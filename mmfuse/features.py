@@ -26,15 +26,18 @@ strategies mask (and trim) anyway. ``batch`` pads the selected rows to the longe
 any real position (a missing modality) counts as long as the shortest real row of that tensor, so a
 fixed-length sequence (image patches) keeps its length.
 
-The key is a sha256 over: the format version, the mmfuse version, the config.pbtxt text of the ensemble and of
-every step model run, the fusion model's ``modalities``, a fingerprint of every weights file those configs point at
-(parameters ``pretrained`` and ``model_config_file`` resolved against the model folder, every file of the served
-version folder: size, mtime_ns, sha256 of the first and last MiB), the manifest file's bytes, the sha256 of every
+The key is a sha256 over: the format version, the mmfuse version, the wiring of the steps that run (the
+ensemble's inputs, each step's input map, the tensors feeding the fusion step's embeddings; not the ensemble's
+outputs, which a head export changes), the config.pbtxt text of every step model run, the fusion model's
+``modalities``, every weights file those configs point at (parameters ``pretrained`` and ``model_config_file``
+resolved against the model folder, every file of the served version folder: size and sha256 of the contents,
+hashed once per process), the manifest file's bytes, the sha256 of every
 row's image bytes and its text, and ``sequences``. A folder is written to a temporary name and renamed into place;
 one that does not load back in full (no or bad meta.json, a missing or truncated file) is removed and rebuilt.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -206,22 +209,22 @@ def _sha256_file(path: Path) -> str:
 
 
 def file_fingerprint(path: Path, base: Path | None = None) -> dict[str, Any]:
-    """size, mtime_ns and the sha256 of the first and last MiB: cheap for a multi-GB checkpoint. ``path`` is named
-    relative to ``base`` where it lies under it (a copied repository keeps its key when the copy keeps mtimes)."""
+    """size and sha256 of the whole file: the key follows the contents, not where or when they were copied.
+    ``path`` is named relative to ``base`` where it lies under it (a copied repository keeps its key)."""
     stat = path.stat()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(_MIB))
-        if stat.st_size > _MIB:
-            f.seek(max(_MIB, stat.st_size - _MIB))
-            digest.update(f.read(_MIB))
     name = str(path)
     if base is not None:
         try:
             name = path.resolve().relative_to(Path(base).resolve()).as_posix()
         except ValueError:
             pass
-    return {"path": name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256_ends": digest.hexdigest()}
+    return {"path": name, "size": stat.st_size, "sha256": _sha256_memo(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_memo(path: str, size: int, mtime_ns: int) -> str:
+    """One hash per file version and process (an encoder checkpoint is named by several steps)."""
+    return _sha256_file(Path(path))
 
 
 def _weights_files(step: _Step) -> list[Path]:
@@ -258,7 +261,12 @@ def _key_parts(plan: _Plan, manifest: Manifest) -> dict[str, Any]:
         "format": FORMAT_VERSION,
         "mmfuse": __version__,
         "ensemble": plan.ensemble,
-        "ensemble_config_sha256": hashlib.sha256(plan.ensemble_text.encode()).hexdigest(),
+        # The wiring of the steps that run (not the whole ensemble config: exporting a head changes its outputs
+        # and the sequence routing, not what the encoders compute).
+        "wiring_sha256": hashlib.sha256(json.dumps(
+            {"inputs": list(plan.inputs), "steps": [[s.name, sorted(s.input_map.items())] for s in plan.steps],
+             "embeddings": {m: plan.fields.get(f"{m}_EMBEDDING") for m in plan.modalities}},
+            sort_keys=True).encode()).hexdigest(),
         "fusion_model": plan.fusion_model,
         "modalities": list(plan.modalities),
         "steps": {s.name: {"version": s.version,

@@ -182,7 +182,7 @@ def train(repository: Path, prepared: Prepared, cfg, *, export: bool, fusion_mod
         "task": prepared.task, "classes": list(prepared.classes),
         "training": {"command": command, "config": cfg.record(), "data": train_split.describe(),
                      "val": prepared.val.describe() if prepared.val is not None else None,
-                     "seed": cfg.seed, "seconds": fitted["seconds"], "steps": fitted["steps"],
+                     "seed": cfg.seed, "seconds": fitted["seconds"], "steps": fitted["steps"], "lr": fitted["lr"],
                      "final_loss": fitted["final_loss"], "features": prepared.extraction,
                      "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                      "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, CPU",

@@ -39,7 +39,8 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default: --epochs with --data, {d['steps']} otherwise)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"])
-    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default 1e-3 with --data, {d['lr']} otherwise)")
+    p.add_argument("--lr", type=float, default=None, help=f"learning rate (default with --data: 1e-2 for late, late-gmu, early, 1e-3 for the token "
+                        f"strategies; {d['lr']} otherwise)")
     p.add_argument("--seed", type=int, default=d["seed"])
     p.add_argument("--modality-dropout", type=float, default=None,
                    help=f"probability of dropping each modality per sample (default 0 with --data, "
@@ -121,7 +122,7 @@ def run_on_data(args: argparse.Namespace) -> int:
     repo = Path(args.repository or DEFAULT_MODEL_REPOSITORY)
     task = args.task or "classify"
     cfg = FitConfig(preset=args.strategy, task=task, steps=args.steps or 0, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr or 1e-3, modality_dropout=args.modality_dropout or 0.0,
+                    batch_size=args.batch_size, lr=args.lr, modality_dropout=args.modality_dropout or 0.0,
                     seed=args.seed, threads=args.threads, options=_options(args.option))
     command = "mmfuse " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

@@ -22,8 +22,8 @@ class AttentionFusion(FusionStrategy):
 
     def __init__(self, modalities, embed_dim, image_width=64, text_width=64, dim=128, heads=4, layers=2,
                  projector="flamingo", head=True, image_tokens=0, readout="eot", null_key=False, task="match",
-                 classes=None):
-        super().__init__(modalities, embed_dim, task, classes, image_width=image_width, text_width=text_width, dim=dim,
+                 classes=None, whiten=False):
+        super().__init__(modalities, embed_dim, task, classes, whiten, image_width=image_width, text_width=text_width, dim=dim,
                          heads=heads, layers=layers, projector=projector, head=head, image_tokens=image_tokens,
                          readout=readout, null_key=null_key)
         if readout not in ("eot", "eot+pool", "eot+mean"):

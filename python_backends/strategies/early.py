@@ -14,8 +14,9 @@ class EarlyFusion(FusionStrategy):
 
     name = "early"
 
-    def __init__(self, modalities, embed_dim, hidden=256, layers=2, dropout=0.0, head=True, task="match", classes=None):
-        super().__init__(modalities, embed_dim, task, classes, hidden=hidden, layers=layers, dropout=dropout, head=head)
+    def __init__(self, modalities, embed_dim, hidden=256, layers=2, dropout=0.0, head=True, task="match", classes=None,
+                 whiten=False):
+        super().__init__(modalities, embed_dim, task, classes, whiten, hidden=hidden, layers=layers, dropout=dropout, head=head)
         m = len(modalities)
         dims = [m * embed_dim + m] + [hidden] * (layers - 1)
         blocks = []

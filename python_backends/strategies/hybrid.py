@@ -22,9 +22,9 @@ class HybridFusion(FusionStrategy):
     needs_sequences = True
 
     def __init__(self, modalities, embed_dim, widths=None, dim=128, heads=4, layers=2, head=True, task="match",
-                 classes=None):
+                 classes=None, whiten=False):
         widths = list(widths) if widths is not None else [64] * len(modalities)
-        super().__init__(modalities, embed_dim, task, classes, widths=widths, dim=dim, heads=heads, layers=layers,
+        super().__init__(modalities, embed_dim, task, classes, whiten, widths=widths, dim=dim, heads=heads, layers=layers,
                          head=head)
         self.proj = nn.ModuleList(nn.Linear(w, dim) for w in widths)
         self.type_embedding = nn.Parameter(torch.randn(len(modalities), dim) * 0.02)

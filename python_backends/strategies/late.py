@@ -24,9 +24,9 @@ class LateFusion(FusionStrategy):
     HEADS = ("none", "similarity", "classifier")
 
     def __init__(self, modalities, embed_dim, weights=None, gate="fixed", head="none", normalize=True, task="match",
-                 classes=None):
+                 classes=None, whiten=False):
         weights = list(weights) if weights is not None else [1.0] * len(modalities)
-        super().__init__(modalities, embed_dim, task, classes, weights=weights, gate=gate, head=head,
+        super().__init__(modalities, embed_dim, task, classes, whiten, weights=weights, gate=gate, head=head,
                          normalize=normalize)
         if len(weights) != len(modalities):
             raise ValueError(f"late fusion: {len(weights)} weights for {len(modalities)} modalities")
@@ -89,5 +89,8 @@ class LateFusion(FusionStrategy):
         # decision level: the mean of the present modalities' class probabilities, as log-probabilities
         log_probs = torch.stack([F.log_softmax(c(e[:, i]), dim=-1) for i, c in enumerate(self.classifiers)], dim=1)
         w = self.weights[None, :] * contributed  # [B, M]
+        # A row with nothing contributing gets equal weights here (finite gradients; base.forward answers
+        # uniform for it): a logsumexp over nothing but -inf has a NaN gradient, which would poison training.
+        w = torch.where(contributed.any(1, keepdim=True), w, torch.ones_like(w))
         log_w = torch.log(w / w.sum(1, keepdim=True).clamp(min=1e-12)).unsqueeze(-1)  # -inf for absent ones
-        return torch.nan_to_num(torch.logsumexp(log_probs + log_w, dim=1), neginf=0.0)
+        return torch.logsumexp(log_probs + log_w, dim=1)

@@ -3,6 +3,7 @@ and cached on disk (shards of token sequences, keyed on configs, weights, manife
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -176,7 +177,7 @@ def test_changed_manifest_text_is_a_miss(cache, data):
 def test_keys_follow_images_configs_and_sequences(data, tmp_path):
     folder, manifest = data
     key = features.cache_key(MODEL_REPOSITORY, manifest)
-    # the same bytes elsewhere (data folder and repository copied, mtimes kept) are the same features
+    # the same bytes elsewhere (data folder and repository copied) are the same features
     copy = Path(shutil.copytree(folder, tmp_path / "data"))
     moved = read_manifest(copy / manifest.path.name, "classify")
     repository = copy_repository(MODEL_REPOSITORY, tmp_path / "repo")
@@ -192,6 +193,19 @@ def test_keys_follow_images_configs_and_sequences(data, tmp_path):
     fresh = copy_repository(MODEL_REPOSITORY, tmp_path / "repo2")
     set_parameters(fresh, "fusion", {"seed": "7"})
     assert features.cache_key(fresh, manifest) == key
+    # nor does exporting a classify head (the ensembles' outputs and sequence routing change), nor a new mtime
+    from mmfuse.export import set_fusion_head
+
+    set_fusion_head(fresh, "fusion", "attention", ".", True, "classify", ("a", "b"))
+    set_sequence_routing(fresh, "fuse_image_text", "fusion", False)
+    weights = next((fresh / "image_encoder").glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))
+    assert features.cache_key(fresh, manifest) == key
+    # but the weights' bytes do, wherever in the file they change
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert features.cache_key(fresh, manifest) != key
     assert features.cache_key(MODEL_REPOSITORY, manifest, sequences=False) != key
 
 

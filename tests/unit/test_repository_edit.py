@@ -112,7 +112,7 @@ def test_a_classify_head_exposes_probs_and_label_and_a_match_head_score(repo):
 
     set_fusion_head(repo, "fusion", "early", ".", True, "classify", ("bird", "cat"))
     ensemble = outputs("fuse_image_text")
-    assert ensemble["PROBS"] == ("TYPE_FP32", [-1]) and ensemble["LABEL"] == ("TYPE_STRING", [1])
+    assert ensemble["PROBS"] == ("TYPE_FP32", [2]) and ensemble["LABEL"] == ("TYPE_STRING", [1])
     assert "SCORE" not in ensemble
     assert json.loads(parameters(load_config(repo, "fusion"))["classes"]) == ["bird", "cat"]
     set_fusion_head(repo, "fusion", "attention", ".", True, "match")
