@@ -20,6 +20,7 @@ CASES = {
     "attention-llava": ("attention", {"image_width": WI, "text_width": WT, "dim": 16, "heads": 2, "layers": 2,
                                       "projector": "llava"}),
 }
+CASES.update({"late/whiten": ("late", {"whiten": True}), "early/whiten": ("early", {"hidden": 24, "whiten": True})})
 CLASSES = ["cat", "dog", "bird"]
 CASES.update({f"{name}/classify": (kind, {**options, "task": "classify", "classes": CLASSES,
                                           **({"head": "classifier"} if kind == "late" else {})})
@@ -155,3 +156,41 @@ def test_task_and_classes_are_checked():
         build("early", ("IMAGE", "TEXT"), D, task="regress")
     with pytest.raises(ValueError, match="similarity head scores a match"):
         build("late", ("IMAGE", "TEXT"), D, head="similarity", task="classify", classes=CLASSES)
+
+
+def test_whitening_maps_the_training_rows_to_identity_covariance():
+    """``whiten``: (e - input_mean) @ input_whiten has (about) the identity covariance on the rows it was set from,
+    even for an ill-conditioned modality (variances 1e-8 .. 1, as a CLIP text tower gives)."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(D, D, generator=g))[0]
+    scales = torch.logspace(-4, 0, D)
+    image = torch.randn(4000, D, generator=g) @ torch.diag(scales) @ basis.T + 3.0
+    text = torch.randn(4000, D, generator=g)
+    module = build("late", ("IMAGE", "TEXT"), D, head="classifier", task="classify", classes=CLASSES, whiten=True)
+    present = torch.ones(4000, 2, dtype=torch.bool)
+    present[:10, 1] = False  # absent rows do not count
+    module.set_input_statistics(torch.stack([image, text], 1), present, shrinkage=0.0)
+    white = (image - module.input_mean[0]) @ module.input_whiten[0]
+    torch.testing.assert_close(torch.cov(white.T), torch.eye(D), atol=2e-3, rtol=0)
+    assert module.input_mean[0].sub(3.0).abs().max() < 0.05
+    # the buffers travel with the head, and a head without whiten has none
+    assert {"input_mean", "input_whiten"} <= set(module.state_dict())
+    assert "input_mean" not in build("late", ("IMAGE", "TEXT"), D).state_dict()
+    with pytest.raises(ValueError, match="without whiten"):
+        build("early", ("IMAGE", "TEXT"), D).set_input_statistics(torch.zeros(3, 2, D), torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("kind, options", [("late", {"head": "classifier"}), ("late", {"head": "classifier", "whiten": True}),
+                                           ("late", {"head": "classifier", "gate": "gmu"}), ("early", {})])
+def test_training_gradients_stay_finite_with_a_row_that_has_nothing(kind, options):
+    """Modality dropout leaves rows with nothing present; they must not turn the gradients into NaN (the
+    decision-level average of late fusion did: a logsumexp over nothing but -inf)."""
+    torch.manual_seed(0)
+    module = build(kind, ("IMAGE", "TEXT"), D, task="classify", classes=CLASSES, **options).train()
+    batch = make_batch()
+    logit = module(batch).logit
+    some = batch.mask.any(1)
+    loss = torch.nn.functional.cross_entropy(logit[some], torch.tensor([0, 1, 2, 0, 1, 2])[some])
+    loss.backward()
+    for name, p in module.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
