@@ -97,7 +97,6 @@ class _Step:
 class _Plan:
     repository: Path
     ensemble: str
-    ensemble_text: str
     fusion_model: str
     modalities: tuple[str, ...]
     inputs: tuple[str, ...]  # the ensemble's inputs (IMAGE, TEXT)
@@ -177,7 +176,7 @@ def _plan(repository: Path, ensemble: str, fusion_model: str, sequences: bool) -
             owner = next((s for s in plan_steps if s.output_map.get("EMBEDDING") == embedding), None)
             if owner is not None:
                 extras_for[m] = owner.name
-    return _Plan(repository, ensemble, config_path(repository, ensemble).read_text(), fusion_model, modalities,
+    return _Plan(repository, ensemble, fusion_model, modalities,
                  tuple(t.name for t in config.input), plan_steps, _ordered_fields(fields, modalities), sequences,
                  extras_for)
 
@@ -200,7 +199,8 @@ def _ordered_fields(fields: Mapping[str, str], modalities: Sequence[str]) -> dic
 
 
 # -- the key ----------------------------------------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks (a dataset's manifest, a checkpoint)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_MIB), b""):
@@ -224,7 +224,7 @@ def file_fingerprint(path: Path, base: Path | None = None) -> dict[str, Any]:
 @functools.lru_cache(maxsize=64)
 def _sha256_memo(path: str, size: int, mtime_ns: int) -> str:
     """One hash per file version and process (an encoder checkpoint is named by several steps)."""
-    return _sha256_file(Path(path))
+    return sha256_file(Path(path))
 
 
 def _weights_files(step: _Step) -> list[Path]:
@@ -248,7 +248,7 @@ def _weights_files(step: _Step) -> list[Path]:
 def _rows_digest(manifest: Manifest) -> str:
     digest = hashlib.sha256()
     for example in manifest.examples:
-        image = _sha256_file(example.image) if example.image is not None else "-"
+        image = sha256_file(example.image) if example.image is not None else "-"
         text = hashlib.sha256(as_bytes(example.text)).hexdigest() if example.text is not None else "-"
         digest.update(f"{image} {text}\n".encode())
     return digest.hexdigest()
@@ -274,7 +274,7 @@ def _key_parts(plan: _Plan, manifest: Manifest) -> dict[str, Any]:
                            "weights": [file_fingerprint(p, plan.repository) for p in _weights_files(s)]}
                   for s in plan.steps},
         "manifest": str(manifest.path),
-        "manifest_sha256": _sha256_file(Path(manifest.path)),
+        "manifest_sha256": sha256_file(Path(manifest.path)),
         "rows": len(manifest.examples),
         "rows_sha256": _rows_digest(manifest),
         "sequences": plan.sequences,
@@ -505,6 +505,7 @@ class FeatureCache:
         self.shard_rows = int(self.meta["shard_rows"])
         self._arrays: dict[str, np.ndarray] = {}
         self._shards: dict[tuple[str, int], np.ndarray] = {}
+        self._pooled: tuple[np.ndarray, np.ndarray] | None = None
 
     def __repr__(self) -> str:
         return (f"FeatureCache({self.path}, rows={self.rows}, modalities={self.modalities}, hit={self.hit}, "
@@ -556,7 +557,13 @@ class FeatureCache:
         return any(info["kind"] == "sequence" for info in self.fields.values())
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings [N,M,D] float32, present [N,M] bool): present = VALID and every value finite."""
+        """(embeddings [N,M,D] float32, present [N,M] bool): present = VALID and every value finite. Read once
+        (training calls it per head: a comparison trains twelve), returned read-only."""
+        if self._pooled is None:
+            self._pooled = self._read_pooled()
+        return self._pooled
+
+    def _read_pooled(self) -> tuple[np.ndarray, np.ndarray]:
         embeddings = [np.asarray(self._array(f"{m}_EMBEDDING"), dtype=np.float32) for m in self.modalities]
         if len({e.shape[1:] for e in embeddings}) != 1:
             raise ValueError("embedding sizes differ: " + ", ".join(f"{m}_EMBEDDING {list(e.shape)}"
@@ -564,7 +571,9 @@ class FeatureCache:
         stacked = np.stack(embeddings, axis=1)
         valid = np.stack([np.asarray(self._array(f"{m}_VALID")).reshape(self.rows) for m in self.modalities],
                          axis=1).astype(bool)
-        return stacked, valid & np.isfinite(stacked).all(axis=2)
+        present = valid & np.isfinite(stacked).all(axis=2)
+        stacked.flags.writeable = present.flags.writeable = False
+        return stacked, present
 
     def statuses(self) -> list[list[str]]:
         """[N][M] the status of each modality of each row as the fusion model reports it (MODALITY_STATUS): the

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import platform
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .datasets import DatasetError, Manifest, read_manifest
+from .features import sha256_file as sha256_of  # noqa: F401 - also the data file's hash in mmfuse eval
 
 REFERENCES = "references"
 MIN_TRAIN_ROWS = 8
@@ -31,14 +31,6 @@ HOLDOUT_MIN_ROWS = 50  # below this many rows nothing is held out (and there is 
 
 def say(message: str) -> None:
     print(f"[mmfuse train] {message}", file=sys.stderr, flush=True)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
