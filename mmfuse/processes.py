@@ -159,16 +159,10 @@ def pid_listening_on(port: int) -> int | None:
 
 def cpu_model_and_flags() -> tuple[str | None, set[str]]:
     """The CPU's model name and feature flags from /proc/cpuinfo (None and an empty set where unreadable)."""
-    model, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model is None:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return model, flags
+    from .serving.hardware import cpu_model_and_flags as read
+
+    model, flags = read()
+    return model, set(flags)
 
 
 def memory_total_bytes() -> int | None:

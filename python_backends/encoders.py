@@ -13,17 +13,32 @@ Parameters: each handler's ``parameters`` (docs/configuration.md is generated fr
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .calibration import image_pixels, text_tokens
+from .errors import ConfigError
 from .handler import Handler, InputSpec
+from .hardware import has_bf16_units, this_cpu_flags
 from .image_preprocess import ImagePreprocessConfig, ImagePreprocessor
+from .int8 import CALIBRATION_ROWS, CHECK_ROWS, DEFAULT_MIN_COSINE, default_cache_dir
 from .openclip_models import CLIP_DOC_EXAMPLE, CLIP_PARAMETERS, ClipSpec, load_clip, torch_dtype
-from .openvino_engine import ENGINES, OpenVinoTower, _check_engine, _text_tower_type
+from .openvino_engine import ENGINES, Int8Settings, OpenVinoTower, _check_engine, _text_tower_type
 from .params import ModelContext, Params
 from .torch_towers import _patch_embedding_type, can_trim, encode_text, patch_embedding_as_matmul, run_sequence_first  # noqa: F401
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """precision int8: the cosine floor against fp32 and where the quantised graph is cached ("" = default)."""
+
+    min_cosine: float = DEFAULT_MIN_COSINE
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -32,6 +47,7 @@ class ImageEncoderConfig:
     engine: str = "torch"
     torch_threads: int = 0
     decoding: ImagePreprocessConfig | None = None  # decode_images: image_preprocess's settings
+    int8: Int8Options = Int8Options()
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,7 @@ class TextEncoderConfig:
     engine: str = "torch"
     torch_threads: int = 0
     trim_text_tokens: bool = True
+    int8: Int8Options = Int8Options()
 
 
 def _setup_torch(threads: int) -> None:
@@ -55,8 +72,37 @@ def _parse_engine(context: ModelContext, params: Params) -> str:
     return engine
 
 
+def _parse_int8(context: ModelContext, params: Params, spec: ClipSpec, engine: str) -> Int8Options:
+    """The int8 options; precision checks that need the engine (int8) or the machine (bf16 units)."""
+    who = f"model '{context.model_name}': "
+    if spec.precision == "int8":
+        if engine != "openvino":
+            raise ConfigError(f"{who}precision 'int8' needs engine 'openvino' (NNCF quantises the OpenVINO graph)")
+        if importlib.util.find_spec("nncf") is None:
+            raise ConfigError(f"{who}precision 'int8' needs NNCF: pip install nncf==3.4.0 (scripts/setup.sh does)")
+    elif spec.precision == "bf16" and context.torch_device == "cpu" and not has_bf16_units(this_cpu_flags()):
+        log.warning("%sprecision 'bf16' on a CPU without bf16 units (AMX / AVX512-BF16) is emulated and ~10x "
+                    "slower than fp32; precision 'auto' picks fp32 here", who)
+    return Int8Options(params.float("int8_min_cosine", DEFAULT_MIN_COSINE, minimum=0.0, maximum=1.0),
+                       params.str("int8_cache_dir", ""))
+
+
+def _int8_settings(spec: ClipSpec, options: Int8Options, what: str, calibration, check) -> Int8Settings | None:
+    if spec.precision != "int8":
+        return None
+    return Int8Settings(calibration, check, Path(options.cache_dir) if options.cache_dir else default_cache_dir(),
+                        options.min_cosine, what)
+
+
+log = logging.getLogger("mmfuse")
 _SEQUENCE_OUTPUTS = ("EMBEDDING", "SEQUENCE", "SEQUENCE_MASK")
 THREADS_PARAMETER = "intra-op threads per instance (0: torch's default); with engine openvino, its inference threads"
+INT8_PARAMETERS = {
+    "int8_min_cosine": "precision int8: the lowest cosine against the fp32 tower, on generated inputs, that may serve; "
+                       "below it the model fails to load with the figure (default 0.99)",
+    "int8_cache_dir": "precision int8: where the quantised graph is cached, keyed by the weights' hash (default "
+                      "$MMFUSE_CACHE_DIR or ~/.cache/mmfuse); the first load calibrates (~12 s for ViT-B-32 on 2 cores)",
+}
 
 
 def _normalised(pooled: np.ndarray) -> np.ndarray:
@@ -80,15 +126,17 @@ class ImageEncoder(Handler):
         "engine": "torch, or openvino: the same open_clip tower traced and compiled by OpenVINO's CPU plugin at "
                   "load (fp32 or bf16, KIND_CPU only)",
         "torch_threads": THREADS_PARAMETER,
+        **INT8_PARAMETERS,
         "decode_images": "true: the encoder takes IMAGE (encoded bytes), decodes as image_preprocess would (its "
                          "parameters below apply) and answers VALID and STATUS too: one process instead of two",
         **{k: v for k, v in ImagePreprocessor.parameters.items() if k not in CLIP_PARAMETERS},
     }
     doc_examples = (CLIP_DOC_EXAMPLE, {**CLIP_DOC_EXAMPLE, "decode_images": "true"})
 
-    def __init__(self, spec: ClipSpec, device: str = "cpu", engine: str = "torch", threads: int = 0):
+    def __init__(self, spec: ClipSpec, device: str = "cpu", engine: str = "torch", threads: int = 0,
+                 int8: Int8Options = Int8Options()):
         _check_engine(engine, device)
-        self.config = ImageEncoderConfig(spec, engine, threads)
+        self.config = ImageEncoderConfig(spec, engine, threads, int8=int8)
         model = load_clip(spec, device)
         self.visual = model.visual  # the text tower is dropped with `model`
         self.visual.output_tokens = True
@@ -103,8 +151,11 @@ class ImageEncoder(Handler):
         if engine == "openvino":
             import torch
 
+            int8_settings = _int8_settings(
+                spec, int8, "image tower", lambda: [p[None] for p in image_pixels(spec, CALIBRATION_ROWS)],
+                lambda: [image_pixels(spec, CHECK_ROWS, seed=5000)])
             self.openvino = OpenVinoTower(self.visual.float().eval(), torch.zeros((2, 3) + tuple(size)),
-                                          (-1, 3) + tuple(size), spec.precision, threads)
+                                          (-1, 3) + tuple(size), spec.precision, threads, int8_settings)
             self.visual = None  # OpenVINO holds its own copy of the weights
         _, probe = self.encode(np.zeros((1, 3) + size, np.float32))  # warm-up; learns the sequence shape
         self.sequence_shape = probe.shape[1:]
@@ -113,7 +164,8 @@ class ImageEncoder(Handler):
     def parse(cls, context: ModelContext, params: Params) -> ImageEncoderConfig:
         spec, engine = ClipSpec.from_params(params, context), _parse_engine(context, params)
         decoding = ImagePreprocessor.parse(context, params) if params.bool("decode_images", False) else None
-        return ImageEncoderConfig(spec, engine, params.int("torch_threads", 0, minimum=0), decoding)
+        return ImageEncoderConfig(spec, engine, params.int("torch_threads", 0, minimum=0), decoding,
+                                  _parse_int8(context, params, spec, engine))
 
     @classmethod
     def input_specs(cls, config: ImageEncoderConfig) -> tuple[InputSpec, ...]:
@@ -128,7 +180,8 @@ class ImageEncoder(Handler):
     @classmethod
     def build(cls, context: ModelContext, config: ImageEncoderConfig) -> ImageEncoder:
         _setup_torch(config.torch_threads)
-        encoder = cls(config.spec, context.torch_device, engine=config.engine, threads=config.torch_threads)
+        encoder = cls(config.spec, context.torch_device, engine=config.engine, threads=config.torch_threads,
+                      int8=config.int8)
         if config.decoding is None:
             return encoder
         return DecodingImageEncoder(ImagePreprocessor.build(context, config.decoding), encoder)
@@ -181,7 +234,7 @@ class DecodingImageEncoder(ImageEncoder):
         self.preprocessor = preprocessor
         self.encoder = encoder
         self.config = ImageEncoderConfig(encoder.config.spec, encoder.config.engine, encoder.config.torch_threads,
-                                         preprocessor.config)
+                                         preprocessor.config, encoder.config.int8)
 
     def __call__(self, batch: Mapping[str, np.ndarray], requested: frozenset[str]) -> dict[str, np.ndarray]:
         decoded = self.preprocessor(batch, frozenset({"PIXELS", "VALID", "STATUS"}))
@@ -202,15 +255,16 @@ class TextEncoder(Handler):
         **CLIP_PARAMETERS,
         "engine": "torch, or openvino: one traced graph for every trimmed length (KIND_CPU only)",
         "torch_threads": THREADS_PARAMETER,
+        **INT8_PARAMETERS,
         "trim_text_tokens": "run the transformer only up to the longest real caption of the batch (exact under the "
                             "causal mask)",
     }
     doc_examples = (CLIP_DOC_EXAMPLE,)
 
     def __init__(self, spec: ClipSpec, device: str = "cpu", trim: bool = True, engine: str = "torch",
-                 threads: int = 0):
+                 threads: int = 0, int8: Int8Options = Int8Options()):
         _check_engine(engine, device)
-        self.config = TextEncoderConfig(spec, engine, threads, trim)
+        self.config = TextEncoderConfig(spec, engine, threads, trim, int8)
         model = load_clip(spec, device)
         model.visual = None  # the image tower is not needed here
         self.sequence_first = run_sequence_first(model)
@@ -227,15 +281,17 @@ class TextEncoder(Handler):
 
             # One graph for every trimmed length: traced at 8 tokens, the length dimension left dynamic.
             example = torch.zeros((2, min(8, int(model.context_length))), dtype=torch.int64)
+            int8_settings = _int8_settings(spec, int8, "text tower", lambda: text_tokens(spec, CALIBRATION_ROWS),
+                                           lambda: text_tokens(spec, CHECK_ROWS, offset=CALIBRATION_ROWS))
             self.openvino = OpenVinoTower(_text_tower_type()(model.float().eval()), example, (-1, -1),
-                                          spec.precision, threads)
+                                          spec.precision, threads, int8_settings)
             self.model = None  # OpenVINO holds its own copy of the weights
 
     @classmethod
     def parse(cls, context: ModelContext, params: Params) -> TextEncoderConfig:
         spec, engine = ClipSpec.from_params(params, context), _parse_engine(context, params)
         return TextEncoderConfig(spec, engine, params.int("torch_threads", 0, minimum=0),
-                                 params.bool("trim_text_tokens", True))
+                                 params.bool("trim_text_tokens", True), _parse_int8(context, params, spec, engine))
 
     @classmethod
     def input_specs(cls, config: TextEncoderConfig) -> tuple[InputSpec, ...]:
@@ -249,7 +305,7 @@ class TextEncoder(Handler):
     def build(cls, context: ModelContext, config: TextEncoderConfig) -> TextEncoder:
         _setup_torch(config.torch_threads)
         return cls(config.spec, context.torch_device, trim=config.trim_text_tokens, engine=config.engine,
-                   threads=config.torch_threads)
+                   threads=config.torch_threads, int8=config.int8)
 
     def encode(self, tokens: np.ndarray, sequence: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(L2-normalised pooled [B,D], token sequence [B,L',W] or None); L' is the trimmed length."""

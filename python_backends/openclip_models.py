@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, WeightsError
+from .hardware import resolve_precision
 from .params import ModelContext, Params
 
 SHIPPED_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -25,14 +26,16 @@ CLIP_PARAMETERS = {
     "allow_random_init": "true: no weights is allowed and the model gets seeded random weights (tests, benchmarks); "
                          "false: no weights is a load error",
     "seed": "seed of the random init: same seed, same weights in every process",
-    "precision": "compute precision of the tower: fp32, bf16 (CPUs with bf16 units, GPUs), fp16 (KIND_GPU only)",
+    "precision": "compute precision of the tower: fp32, bf16 (CPUs with bf16 units, GPUs), fp16 (KIND_GPU only), "
+                 "int8 (engine openvino: post-training quantisation, checked against fp32 at load), or auto: fp16 "
+                 "on a KIND_GPU instance, bf16 on a CPU with bf16 units (AMX, AVX512-BF16), fp32 otherwise",
 }
 #: The ones the preprocessors read (they need the model's transform or tokenizer, not its weights).
 PREPROCESS_CLIP_PARAMETERS = {k: CLIP_PARAMETERS[k] for k in ("model_name", "model_config_file", "pretrained",
                                                               "cache_dir")}
 #: Parameters that parse for the tiny shipped architecture without weights (the generated docs' examples).
 CLIP_DOC_EXAMPLE = {"model_name": "mmfuse-tiny", "pretrained": "", "allow_random_init": "true"}
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 
 
@@ -92,7 +95,8 @@ class ClipSpec:
             pretrained=params.str("pretrained", ""),
             allow_random_init=params.bool("allow_random_init", False) if weights else True,
             seed=params.int("seed", 0, minimum=0) if weights else 0,
-            precision=params.choice("precision", "fp32", PRECISIONS) if weights else "fp32",
+            precision=resolve_precision(params.choice("precision", "fp32", PRECISIONS),
+                                        context.instance_kind if context is not None else "CPU") if weights else "fp32",
             cache_dir=params.str("cache_dir", "") or None,
         )
         if spec.is_checkpoint_file:
@@ -117,6 +121,8 @@ class ClipSpec:
             )
         if self.precision == "fp16" and (context is None or context.instance_kind != "GPU"):
             raise ConfigError(f"{who}precision 'fp16' needs a KIND_GPU instance; use fp32 or bf16 on the CPU")
+        if self.precision == "int8" and context is not None and context.instance_kind == "GPU":
+            raise ConfigError(f"{who}precision 'int8' runs on OpenVINO's CPU plugin (KIND_CPU); use fp16 on a GPU")
         if self.pretrained and not self.is_checkpoint_file:
             tags = open_clip.list_pretrained_tags_by_model(self.model_name)
             if self.pretrained not in tags:
@@ -160,7 +166,8 @@ def preprocess_config(spec: ClipSpec):
 def torch_dtype(precision: str):
     import torch
 
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    # int8 towers are built in fp32 and quantised by OpenVINO (openvino_engine).
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}[precision]
 
 
 def load_clip(spec: ClipSpec, device: str = "cpu"):

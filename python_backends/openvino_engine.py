@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -11,6 +14,18 @@ from .errors import ConfigError
 from .torch_towers import encode_text
 
 ENGINES = ("torch", "openvino")
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """What precision int8 needs besides the tower: makers of its generated calibration inputs (called only when
+    the cache misses) and check inputs, where the quantised graph is cached, the cosine floor."""
+
+    calibration: Callable[[], list] = list
+    check: Callable[[], list] = list
+    cache_dir: Path | None = None
+    min_cosine: float = 0.99
+    what: str = "tower"
 
 
 def _check_engine(engine: str, device: str, model: str = "") -> None:
@@ -32,12 +47,13 @@ class OpenVinoTower:
     fp32 261 against ~116. Cosine vs torch fp32 >= 0.9999 (tests check each).
     """
 
-    def __init__(self, module, example, shape: tuple[int, ...], precision: str, threads: int):
+    def __init__(self, module, example, shape: tuple[int, ...], precision: str, threads: int,
+                 int8: Int8Settings | None = None):
         import openvino as ov
         import torch
 
-        if precision not in ("fp32", "bf16"):
-            raise ConfigError(f"engine 'openvino' runs fp32 or bf16 on the CPU, not {precision!r}")
+        if precision not in ("fp32", "bf16", "int8"):
+            raise ConfigError(f"engine 'openvino' runs fp32, bf16 or int8 on the CPU, not {precision!r}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript deprecation and tracer notes
             # Traced with autograd on: nn.MultiheadAttention then records its plain ops (its fused inference-only
@@ -45,6 +61,14 @@ class OpenVinoTower:
             traced = torch.jit.trace(module, example, check_trace=False)
         model = ov.convert_model(traced)
         model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
+        self.int8_report = None
+        if precision == "int8":
+            from .int8 import quantise, weights_key
+
+            int8 = int8 or Int8Settings()
+            model, self.int8_report = quantise(
+                model, int8.calibration, int8.check(), key=weights_key(module, shape, int8.what),
+                cache_dir=int8.cache_dir, min_cosine=int8.min_cosine, what=int8.what)
         # No CPU pinning: OpenVINO pins its threads by default, and two single-thread instances (two Triton
         # model processes) were pinned to the same core (measured: 1.12 of 2 cores busy, 44.7 img/s).
         config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",

@@ -29,14 +29,17 @@ echo "mmfuse setup: installing ${torch_pins[*]} ..."
 # Every extra: [server] brings the real tritonserver 2.51 (the nvidia-pytriton wheel carries it; only its
 # binary and python backend are used, never pytriton's Python API), [client] the gRPC clients, [tools] the
 # benchmarks and evaluation, [test] the test suite and the linter.
-echo "mmfuse setup: installing mmfuse (editable) with its extras server, tools, test ..."
-"${PIP[@]}" -e ".[server,tools,test]" 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
+echo "mmfuse setup: installing mmfuse (editable) with its extras server, tools, test, int8 ..."
+"${PIP[@]}" -e ".[server,tools,test,int8]" 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
 
 # OpenVINO's runtime, for the encoders' `engine: openvino`. --no-deps: its one other dependency,
 # openvino-telemetry, makes model conversion report usage over the network (and write ~/intel); without
 # it OpenVINO falls back to its built-in no-op stub. numpy comes from the constraints above.
 echo "mmfuse setup: installing openvino (--no-deps) ..."
 "${PIP[@]}" --no-deps openvino==2026.4.1 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
+# NNCF, for precision int8 (post-training quantisation); its dependencies came with the [int8] extra.
+echo "mmfuse setup: installing nncf (--no-deps) ..."
+"${PIP[@]}" --no-deps nncf==3.4.0 2>&1 | grep -vE "^WARNING: Location|^Requirement already" || true
 
 # The python-backend stub embeds the system's libpython (Debian: libpython3.X).
 if ! ldconfig -p | grep -q "libpython${pyver}.so.1.0"; then
@@ -50,7 +53,7 @@ fi
 
 # Check the pieces that cost hours when wrong.
 "$VENV/bin/python" - <<'PY'
-import numpy, open_clip, openvino, torch, tritonclient.grpc  # noqa: F401
+import nncf, numpy, open_clip, openvino, torch, tritonclient.grpc  # noqa: F401
 from mmfuse.server import find_triton
 assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__version__}: Triton 2.51's stub needs numpy<2"
 install = find_triton()
