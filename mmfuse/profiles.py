@@ -1,6 +1,7 @@
 """Serving profiles: the settings of a repository's composing models for a kind of machine, as data.
 
-A profile is a JSON file in mmfuse/profiles/ (``baseline``, ``cpu``, ``gpu``): per model, the instance group,
+A profile is a JSON file in mmfuse/profiles/ (``baseline``, ``cpu``, ``latency``, ``gpu``), or ``auto`` /
+``auto-latency``, chosen for the machine at hand by mmfuse.auto from mmfuse/profiles/auto/rules.json: per model, the instance group,
 dynamic batching and handler parameters, each with a one-line reason; and two topology choices,
 
 * ``decoding``: ``separate`` (image_preprocess is a model of its own) or ``in_encoder`` (each image encoder
@@ -51,8 +52,13 @@ class Profile:
         return self.decoding == "in_encoder"
 
 
+#: Resolved on the machine that applies them (mmfuse.auto): detect the hardware, pick from the profiles' data.
+AUTO_PROFILES = ("auto", "auto-latency")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
+
+
 def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json")) + list(AUTO_PROFILES)
 
 
 def _bad(name: str, message: str) -> ValueError:
@@ -60,8 +66,37 @@ def _bad(name: str, message: str) -> ValueError:
 
 
 @cache
-def load_profile(name: str) -> Profile:
-    """Read and check one profile; every error names the file and the field."""
+def load_profile(name: str, precision: str | None = None) -> Profile:
+    """Read and check one profile; every error names the file and the field. ``auto`` and ``auto-latency`` are
+    chosen for this machine (mmfuse.auto); ``precision`` replaces the encoders' (int8 brings engine openvino)."""
+    if name in AUTO_PROFILES:
+        from .auto import resolve
+
+        return resolve(name, precision).profile
+    profile = _read_profile(name)
+    return with_precision(profile, precision) if precision else profile
+
+
+def with_precision(profile: Profile, precision: str) -> Profile:
+    """``profile`` with the encoders' precision replaced (int8 runs on engine openvino)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    models = dict(profile.models)
+    for model in ("image_encoder", "text_encoder"):
+        if model in models:
+            tuning = models[model]
+            if precision == "int8" and tuning.kind == "KIND_GPU":
+                raise ValueError(f"profile {profile.name!r}: precision int8 runs on OpenVINO's CPU plugin, not on "
+                                 f"{model}'s KIND_GPU instances")
+            params = {**tuning.params, "precision": precision}
+            if precision == "int8":
+                params["engine"] = "openvino"
+            models[model] = Tuning(tuning.kind, tuning.count, tuning.preferred, tuning.delay_us, params,
+                                   f"{tuning.why}; precision {precision} asked for")
+    return Profile(profile.name, profile.description, profile.decoding, profile.route_sequences, models)
+
+
+def _read_profile(name: str) -> Profile:
     path = PROFILE_DIR / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(profile_names())}")

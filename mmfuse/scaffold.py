@@ -46,7 +46,7 @@ def _copy_template(source: Path, target: Path) -> None:
         (target / model / "1").mkdir(exist_ok=True)
 
 
-def init_repository(target: Path, model: str, pretrained: str, profile: str = "baseline", *,
+def init_repository(target: Path, model: str, pretrained: str, profile: str = "auto", *, precision: str | None = None,
                     model_config: Path | None = None, cache_dir: str | None = None, strategy: str = "late",
                     allow_random_init: bool = False) -> Path:
     """Write the repository into ``target`` (new or empty) and validate it offline; return ``target``.
@@ -67,7 +67,7 @@ def init_repository(target: Path, model: str, pretrained: str, profile: str = "b
         raise InitError(f"{target} exists and is not empty; choose a new folder")
     if not pretrained and not allow_random_init:
         raise InitError("no weights: give --pretrained TAG_OR_FILE (or --allow-random-init for tests and benchmarks)")
-    profile_data = load_profile(profile)
+    profile_data = load_profile(profile, precision)
     created = not target.exists()
     try:
         target.mkdir(parents=True, exist_ok=True)

@@ -77,9 +77,12 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
 
 
 def serving_precision(profile: str, device: str = "cpu") -> str:
+    """The precision the profile's image encoder computes in on this machine (``auto`` resolved here)."""
+    from ..serving.hardware import resolve_precision
+
     tuning = PROFILES.get(profile, {}).get("image_encoder")
     if tuning is not None and "precision" in tuning.params:
-        return tuning.params["precision"]
+        return resolve_precision(tuning.params["precision"], "GPU" if tuning.kind == "KIND_GPU" else "CPU")
     return "fp32"
 
 

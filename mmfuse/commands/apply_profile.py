@@ -1,4 +1,4 @@
-"""mmfuse apply-profile PROFILE --out DIR [--model-repository SRC] [--separate-decoding]
+"""mmfuse apply-profile [PROFILE] --out DIR [--model-repository SRC] [--precision P] [--separate-decoding]
 
 Writes a copy of a model repository with a serving profile's settings (mmfuse/profiles/*.json: instances,
 batching, precision, engine, threads, decoding topology), on your models and weights; ``mmfuse.profiles``.
@@ -11,14 +11,19 @@ import sys
 from pathlib import Path
 
 from ..paths import DEFAULT_MODEL_REPOSITORY
+from .init import print_auto_choice
 
 
 def register(sub) -> None:
-    from ..profiles import profile_names
+    from ..profiles import PRECISIONS, profile_names
 
     p = sub.add_parser("apply-profile", help="copy a model repository with a bench profile's serving settings "
                                              "(instances, batching, precision, engine, decoding), validated offline")
-    p.add_argument("profile", choices=profile_names(), help="cpu, gpu (KIND_GPU, fp16) or baseline")
+    p.add_argument("profile", nargs="?", default="auto", choices=profile_names(),
+                   help="auto (default: detect this machine and pick engine, precision, instances, threads, batching "
+                        "and decoding; auto-latency for single requests), cpu, latency, gpu (KIND_GPU, fp16), baseline")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the encoders' precision instead of the profile's (int8: NNCF quantisation on OpenVINO)")
     p.add_argument("--out", required=True, help="the new repository (must not exist, or be empty)")
     p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY), help="the repository to copy")
     p.add_argument("--separate-decoding", action="store_true",
@@ -39,10 +44,14 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         print(f"mmfuse apply-profile: {out} exists and is not empty; choose a new folder", file=sys.stderr)
         return 2
+    try:
+        profile = load_profile(args.profile, args.precision)
+    except ValueError as error:
+        print(f"mmfuse apply-profile: {error}", file=sys.stderr)
+        return 2
     if out.exists():
         out.rmdir()
     copy_repository(source, out)
-    profile = load_profile(args.profile)
     try:
         tuned = apply_profile(out, profile, decoding="separate" if args.separate_decoding else None)
         errors = validate_repository(out) if tuned else [
@@ -56,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmfuse apply-profile: profile {args.profile!r} does not fit {source}; nothing written",
               file=sys.stderr)
         return 2
+    print_auto_choice(args.profile, args.precision)
     for model in tuned:
         if (out / model).is_dir():
             print(f"tuned   {out / model / 'config.pbtxt'}")

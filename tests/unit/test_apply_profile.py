@@ -19,7 +19,7 @@ def test_cpu_profile_on_the_shipped_repository(tmp_path, capsys):
     assert encoder.instance_group[0].count == tuning.count
     assert list(encoder.dynamic_batching.preferred_batch_size) == list(tuning.preferred)
     values = parameters(encoder)
-    assert values["decode_images"] == "true" and values["engine"] == "openvino" and values["precision"] == "bf16"
+    assert values["decode_images"] == "true" and values["engine"] == "openvino" and values["precision"] == "auto"
     shipped = parameters(load_config(MODEL_REPOSITORY, "image_encoder"))
     # The models and weights stay the user's: only serving settings change.
     assert values["model_name"] == shipped["model_name"] and values["pretrained"] == shipped["pretrained"]

@@ -110,14 +110,16 @@ def test_profile_parameters_are_known_to_the_handlers(open_clip_tiny, profile):
             resolve(model).build(context, config).close()
 
 
-def test_cpu_profile_serves_bf16_single_threaded():
+def test_cpu_profile_serves_precision_auto_single_threaded():
+    from mmfuse.serving.hardware import resolve_precision
+
     cpu = bench.PROFILES["cpu"]
     for encoder in ("image_encoder", "text_encoder"):
-        assert cpu[encoder].params["precision"] == "bf16" and cpu[encoder].params["torch_threads"] == "1"
+        assert cpu[encoder].params["precision"] == "auto" and cpu[encoder].params["torch_threads"] == "1"
     gpu = bench.PROFILES["gpu"]
     assert gpu["image_encoder"].kind == gpu["text_encoder"].kind == "KIND_GPU"
     assert gpu["image_encoder"].params["precision"] == "fp16"
-    assert bench.serving_precision("cpu") == "bf16" and bench.serving_precision("baseline") == "fp32"
+    assert bench.serving_precision("cpu") == resolve_precision("auto") and bench.serving_precision("baseline") == "fp32"
 
 
 def _fake_result() -> dict:

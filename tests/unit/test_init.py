@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from mmfuse.auto import resolve
 from mmfuse.cli import main
 from mmfuse.codegen import sync
 from mmfuse.reconfigure import validate_repository
@@ -47,10 +48,16 @@ def test_init_from_a_checkpoint_file(tmp_path, capsys):
     checkpoint = write_checkpoint(tmp_path / "weights" / "tiny.safetensors")
     repo = tmp_path / "repo"
     assert main(["init", str(repo), "--model", TINY, "--pretrained", str(checkpoint)]) == 0
-    assert "validated offline" in capsys.readouterr().out
-    assert sorted(models(repo)) == sorted(["image_preprocess", "text_preprocess", "image_encoder", "text_encoder",
+    printed = capsys.readouterr().out
+    assert "validated offline" in printed and "profile 'auto'" in printed
+    choice = resolve("auto")  # the default: chosen for this machine, and said so
+    assert f"hardware: {choice.hardware.hardware_class}" in printed
+    merged = choice.profile.decoding == "in_encoder"  # decoding folded into the image encoder
+    assert sorted(models(repo)) == sorted(["text_preprocess", "image_encoder", "text_encoder",
                                            "fusion", "fusion_pooled", "embed_image", "embed_text", "fuse_image_text",
-                                           "fuse_embeddings"])
+                                           "fuse_embeddings"] + ([] if merged else ["image_preprocess"]))
+    encoder = parameters(load_config(repo, "image_encoder"))
+    assert encoder["precision"] == choice.profile.models["image_encoder"].params["precision"]
     # The four open_clip models agree on model and weights; the checkpoint travels with the repository.
     assert _agree(repo) == {(TINY, "../image_encoder/tiny.safetensors")}
     assert (repo / "image_encoder" / "tiny.safetensors").read_bytes() == checkpoint.read_bytes()
