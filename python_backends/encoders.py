@@ -76,8 +76,7 @@ def _parse_int8(context: ModelContext, params: Params, spec: ClipSpec, engine: s
     """The int8 options; precision checks that need the engine (int8) or the machine (bf16 units)."""
     who = f"model '{context.model_name}': "
     if spec.precision == "int8":
-        if engine != "openvino":
-            raise ConfigError(f"{who}precision 'int8' needs engine 'openvino' (NNCF quantises the OpenVINO graph)")
+        _check_int8_engine(spec, engine, who)
         if importlib.util.find_spec("nncf") is None:
             raise ConfigError(f"{who}precision 'int8' needs NNCF: pip install nncf==3.4.0 (scripts/setup.sh does)")
     elif spec.precision == "bf16" and context.torch_device == "cpu" and not has_bf16_units(this_cpu_flags()):
@@ -85,6 +84,11 @@ def _parse_int8(context: ModelContext, params: Params, spec: ClipSpec, engine: s
                     "slower than fp32; precision 'auto' picks fp32 here", who)
     return Int8Options(params.float("int8_min_cosine", DEFAULT_MIN_COSINE, minimum=0.0, maximum=1.0),
                        params.str("int8_cache_dir", ""))
+
+
+def _check_int8_engine(spec: ClipSpec, engine: str, who: str = "") -> None:
+    if spec.precision == "int8" and engine != "openvino":
+        raise ConfigError(f"{who}precision 'int8' needs engine 'openvino' (NNCF quantises the OpenVINO graph)")
 
 
 def _int8_settings(spec: ClipSpec, options: Int8Options, what: str, calibration, check) -> Int8Settings | None:
@@ -136,6 +140,7 @@ class ImageEncoder(Handler):
     def __init__(self, spec: ClipSpec, device: str = "cpu", engine: str = "torch", threads: int = 0,
                  int8: Int8Options = Int8Options()):
         _check_engine(engine, device)
+        _check_int8_engine(spec, engine)
         self.config = ImageEncoderConfig(spec, engine, threads, int8=int8)
         model = load_clip(spec, device)
         self.visual = model.visual  # the text tower is dropped with `model`
@@ -264,6 +269,7 @@ class TextEncoder(Handler):
     def __init__(self, spec: ClipSpec, device: str = "cpu", trim: bool = True, engine: str = "torch",
                  threads: int = 0, int8: Int8Options = Int8Options()):
         _check_engine(engine, device)
+        _check_int8_engine(spec, engine)
         self.config = TextEncoderConfig(spec, engine, threads, trim, int8)
         model = load_clip(spec, device)
         model.visual = None  # the image tower is not needed here
