@@ -92,3 +92,19 @@ def test_int8_parameters_parse_from_a_repository(tmp_path):
     config = TextEncoder.parse(ModelContext("text_encoder", None), params)
     params.reject_unknown()
     assert config.spec.precision == "int8" and config.int8 == Int8Options(0.995, str(tmp_path))
+
+
+@pytest.mark.parametrize("name, isa, fix", [
+    ("amx-xeon-dev-machine.txt", "", False),
+    ("avx512-xeon-ice-lake.txt", "", False),  # AVX512-VNNI
+    ("avx2-epyc-zen2.txt", "", True),  # no int8 dot product: 7-bit weights
+    ("amx-xeon-dev-machine.txt", "AVX2", True),  # oneDNN held to AVX2 (how the AVX2 figures were measured)
+    ("amx-xeon-dev-machine.txt", "AVX512_CORE_AMX", False),
+])
+def test_the_overflow_fix_follows_the_int8_instructions(name, isa, fix):
+    from mmfuse.serving.hardware import cpu_model_and_flags
+    from mmfuse.serving.int8 import needs_overflow_fix
+    from tests.unit.test_auto import CPUINFO
+
+    flags = cpu_model_and_flags(CPUINFO / name)[1]
+    assert needs_overflow_fix(flags, {"ONEDNN_MAX_CPU_ISA": isa} if isa else {}) is fix
