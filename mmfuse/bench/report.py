@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+SERVED_RUNS = ("embed_image", "fuse_image_text", "embed_text", "fuse_image_text_at_load")
+
 
 def jsonable(value):
     """``value`` with tuples as lists, numpy scalars as Python numbers and non-finite floats as None."""
@@ -32,7 +34,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             continue
         rate = row["items_per_s"]
         entry = {"served_per_s": rate, "limit_per_s": limit[f"{ensemble}_per_s"],
-                 "served_over_limit": rate / limit[f"{ensemble}_per_s"]}
+                 "served_over_limit": rate / limit[f"{ensemble}_per_s"],
+                 "load_generator": row.get("load_generator", "python")}
         cores, used = (result.get("machine") or {}).get("cores"), row.get("server_cpu_cores")
         if cores and used:
             # On a shared machine the server gets only part of the CPU: what it served per core it used,
@@ -51,6 +54,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     if load:
         summary["at_load"] = {k: load[k] for k in ("load_fraction", "items_per_s_offered", "requests", "p50_ms", "p95_ms", "p99_ms",
                                                    "p99_over_p50", "fusion_ms", "fusion_share_of_p50")}
+        summary["at_load"]["load_generator"] = load.get("load_generator", "python")
     trim = result.get("text_trimming")
     if trim:
         summary["text_trim_speedup"] = trim["speedup"]
@@ -169,13 +173,15 @@ def table(result: dict[str, Any]) -> str:
                      + (f"; served embed_image = {cm['served_over_ceiling']:.2f} of it" if "served_over_ceiling" in cm else ""))
     plan = result["options"]["plan"]
     if served_:
+        generators = _load_generators(served_)
         lines.append(f"(closed loop: {plan['concurrency']} requests in flight of {plan['rows']} rows, "
-                     f"{plan['duration_s']:.0f} s after {plan['warmup_s']:.0f} s warm-up; loopback gRPC; server cores: "
-                     f"CPU time of tritonserver and its model processes per second, of {m['cores']})")
+                     f"{plan['duration_s']:.0f} s after {_warm_up(served_, plan)}; loopback gRPC; load generator: "
+                     f"{generators}; server cores: CPU time of tritonserver and its model processes per second, "
+                     f"of {m['cores']})")
     if "at_load" in s:
         a = s["at_load"]
         lines += ["", f"fuse_image_text at {a['load_fraction']:.0%} of its peak ({a['items_per_s_offered']:.1f} items/s, "
-                      f"fixed rate, {a.get('requests', 0):.0f} requests measured): p50 {a['p50_ms']:.0f} ms, p95 {a['p95_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms, "
+                      f"fixed rate by {a.get('load_generator', 'python')}, {a.get('requests', 0):.0f} requests measured): p50 {a['p50_ms']:.0f} ms, p95 {a['p95_ms']:.0f} ms, p99 {a['p99_ms']:.0f} ms, "
                       f"p99/p50 {a['p99_over_p50']:.2f}; fusion step {a['fusion_ms']:.2f} ms per request = "
                       f"{a['fusion_share_of_p50']:.1%} of p50"]
         models = served_["fuse_image_text_at_load"]["models"]
@@ -247,6 +253,26 @@ def table(result: dict[str, Any]) -> str:
                           f"{k} thread(s) {v:.1f}/s" for k, v in n["embed_image_per_s_by_threads"].items())]
     lines.append(f"({result['seconds']:.0f} s; machine {m['host']}, {m['time_utc']})")
     return _paragraphs(lines)
+
+
+def _load_generators(served_: dict[str, Any]) -> str:
+    """Which load generator made the served figures: one name, or each ensemble's."""
+    runs = {name: served_[name].get("load_generator", "python") for name in SERVED_RUNS if served_.get(name)}
+    names = set(runs.values())
+    if len(names) == 1:
+        name = names.pop()
+        return ("perf_analyzer (Triton's C++ client)" if name == "perf_analyzer"
+                else f"{name} (mmfuse.loadgen's asyncio client)")
+    return ", ".join(f"{k} {v}" for k, v in runs.items())
+
+
+def _warm_up(served_: dict[str, Any], plan: dict[str, Any]) -> str:
+    counts = {(served_[name].get("perf_analyzer") or {}).get("warmup_requests") for name in SERVED_RUNS[:3]
+              if (served_.get(name) or {}).get("load_generator") == "perf_analyzer"}
+    counts.discard(None)
+    if len(counts) == 1:
+        return f"a warm-up of {counts.pop()} requests"
+    return f"{plan['warmup_s']:.0f} s warm-up"
 
 
 def _paragraphs(lines: list[str]) -> str:

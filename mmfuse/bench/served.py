@@ -1,6 +1,7 @@
 """Served: a real tritonserver on a generated copy of the repository (the model switched, random weights, a
-profile's settings), loaded over loopback gRPC by mmfuse.loadgen, with Triton's statistics (mmfuse.triton_stats)
-around each run."""
+profile's settings), loaded over loopback gRPC by Triton's perf_analyzer (mmfuse.perf_analyzer; mmfuse.loadgen's
+Python client with ``ServedPlan.load_generator = "python"``), with Triton's statistics (mmfuse.triton_stats)
+around each run. Every run says which made it (``load_generator``)."""
 from __future__ import annotations
 
 import math
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import loadgen, triton_stats
+from .. import loadgen, perf_analyzer, triton_stats
 from ..export import OPEN_CLIP_MODELS
 from ..profiles import Tuning, apply_profile, load_profile, profile_names
 from ..wire import bytes_column, infer_inputs
@@ -101,31 +102,98 @@ def make_requests(ensemble: str, images: Sequence[bytes], captions: Sequence[str
     return requests
 
 
+LOAD_GENERATORS = ("perf_analyzer", "python")
+
+
 def _latency(result: loadgen.LoadResult) -> dict[str, float]:
     return {f"{k}_ms": v for k, v in result.percentiles_ms().items()}
 
 
+def warmup_requests(concurrency: int, warmup_s: float) -> int:
+    """perf_analyzer warms up by a request count (--warmup-request-count), not a duration: each closed-loop
+    slot sends one request per second of the plan's warm-up (at least one)."""
+    return concurrency * max(1, math.ceil(warmup_s))
+
+
+def _perf_analyzer_keys(run: dict[str, Any]) -> dict[str, Any]:
+    """The bench's keys from an mmfuse.perf_analyzer result, and perf_analyzer's own figures under ``perf_analyzer``."""
+    keep = ("command_line", "wall_s", "cpu_s", "infer_per_s", "requests_per_s", "p90_ms", "client_send_ms",
+            "network_server_ms", "server_queue_ms", "server_compute_input_ms", "server_compute_infer_ms",
+            "server_compute_output_ms", "client_recv_ms", "send_rate_per_s", "delayed_fraction", "kept_up",
+            "warmup_requests", "measurement")
+    return {"requests": run["requests"], "errors": run["errors"], "p50_ms": run["p50_ms"], "p95_ms": run["p95_ms"],
+            "p99_ms": run["p99_ms"], "mean_ms": run["avg_ms"], "server_cpu_cores": run.get("server_cpu_cores"),
+            "load_generator": "perf_analyzer", "perf_analyzer": {k: run[k] for k in keep if k in run}}
+
+
 def closed_loop_run(url: str, ensemble: str, requests, rows: int, concurrency: int, warmup_s: float, duration_s: float,
-                max_requests: int, server_pid: int | None = None) -> dict[str, Any]:
-    """Closed-loop throughput and latency of one ensemble (mmfuse.loadgen), as the bench reports it."""
-    plan = loadgen.LoadPlan(concurrency=concurrency, max_requests=max_requests, max_seconds=duration_s,
-                            warmup_s=warmup_s, timeout_s=120.0)
-    run = loadgen.run_triton(url, ensemble, requests, ENSEMBLE_OUTPUTS[ensemble], plan, server_pid)
-    return {"ensemble": ensemble, "rows_per_request": rows, "concurrency": concurrency, "seconds": run.seconds,
-            "requests": run.completed, "errors": run.error_count,
-            "items_per_s": run.completed * rows / run.seconds if run.seconds else math.nan, **_latency(run),
-            "server_cpu_cores": run.server_cpu_cores}
+                    max_requests: int, server_pid: int | None = None,
+                    load_generator: str = "perf_analyzer") -> dict[str, Any]:
+    """Closed-loop throughput and latency of one ensemble, as the bench reports it.
+
+    perf_analyzer (the default): ``warmup_requests`` requests, then three time windows of ``duration_s / 3``
+    (their requests counted; ``max_requests`` does not apply); where a window is shorter than a request,
+    three count windows of ``concurrency`` requests instead. ``python``: mmfuse.loadgen (``warmup_s`` seconds,
+    then ``duration_s`` or ``max_requests``)."""
+    if load_generator == "python":
+        plan = loadgen.LoadPlan(concurrency=concurrency, max_requests=max_requests, max_seconds=duration_s,
+                                warmup_s=warmup_s, timeout_s=120.0)
+        run = loadgen.run_triton(url, ensemble, requests, ENSEMBLE_OUTPUTS[ensemble], plan, server_pid)
+        return {"ensemble": ensemble, "rows_per_request": rows, "concurrency": concurrency, "seconds": run.seconds,
+                "requests": run.completed, "errors": run.error_count,
+                "items_per_s": run.completed * rows / run.seconds if run.seconds else math.nan, **_latency(run),
+                "server_cpu_cores": run.server_cpu_cores, "load_generator": "python"}
+    _check_load_generator(load_generator)
+    warmup = warmup_requests(concurrency, warmup_s)
+    window_ms = max(1, round(duration_s * 1e3 / 3))
+    common = dict(concurrency=concurrency, warmup_requests=warmup, server_pid=server_pid,
+                  timeout_s=max(300.0, 10 * (duration_s + warmup_s)))
+    try:
+        run = perf_analyzer.run(url, ensemble, requests, window_ms=window_ms, **common)
+        run["measurement"] = f"3 time windows of {window_ms} ms"
+    except perf_analyzer.PerfAnalyzerError as error:
+        if error.returncode != 3:  # 3: "No valid requests recorded within time interval"
+            raise
+        run = perf_analyzer.run(url, ensemble, requests, window_requests=concurrency, **common)
+        run["measurement"] = f"3 count windows of {concurrency} requests (a request outlasted a {window_ms} ms window)"
+    run["warmup_requests"] = warmup
+    return {"ensemble": ensemble, "rows_per_request": rows, "concurrency": concurrency, "seconds": run["seconds"],
+            "items_per_s": run["items_per_s"], **_perf_analyzer_keys(run)}
 
 
 def fixed_rate_run(url: str, ensemble: str, requests, rows: int, rate: float, duration_s: float, warmup_s: float,
-               max_requests: int, server_pid: int | None = None) -> dict[str, Any]:
-    """Requests sent at a constant rate (open loop, mmfuse.loadgen); latency from each request's due time."""
-    plan = loadgen.LoadPlan(rate=rate, max_requests=max_requests, max_seconds=duration_s, warmup_s=warmup_s,
-                            timeout_s=120.0)
-    run = loadgen.run_triton(url, ensemble, requests, ENSEMBLE_OUTPUTS[ensemble], plan, server_pid)
+                   max_requests: int, server_pid: int | None = None,
+                   load_generator: str = "perf_analyzer") -> dict[str, Any]:
+    """Requests sent at a constant rate (open loop): ``min(max_requests, rate x duration_s)`` requests measured
+    after ``rate x warmup_s`` sent first.
+
+    perf_analyzer (the default): asynchronous sends, three count windows of a third of the requests each (at
+    least that many; a window ends on a whole second); latency from each request's send, ``delayed_fraction``
+    the share sent late. ``python``: mmfuse.loadgen, latency from each request's due time."""
+    total = max(1, min(max_requests, int(rate * duration_s)))
+    if load_generator == "python":
+        plan = loadgen.LoadPlan(rate=rate, max_requests=max_requests, max_seconds=duration_s, warmup_s=warmup_s,
+                                timeout_s=120.0)
+        run = loadgen.run_triton(url, ensemble, requests, ENSEMBLE_OUTPUTS[ensemble], plan, server_pid)
+        return {"ensemble": ensemble, "rows_per_request": rows, "rate_requests_per_s": rate,
+                "items_per_s_offered": rate * rows, "requests": run.completed, "errors": run.error_count,
+                "late_sends": run.late_sends, **_latency(run), "server_cpu_cores": run.server_cpu_cores,
+                "load_generator": "python"}
+    _check_load_generator(load_generator)
+    window = max(1, math.ceil(total / 3))
+    run = perf_analyzer.run(url, ensemble, requests, request_rate=rate, window_requests=window,
+                            warmup_requests=int(rate * warmup_s), server_pid=server_pid,
+                            timeout_s=max(300.0, 10 * (total / rate + warmup_s)))
+    run["measurement"] = f"3 count windows of {window} requests"
+    run["warmup_requests"] = int(rate * warmup_s)
     return {"ensemble": ensemble, "rows_per_request": rows, "rate_requests_per_s": rate,
-            "items_per_s_offered": rate * rows, "requests": run.completed, "errors": run.error_count,
-            "late_sends": run.late_sends, **_latency(run), "server_cpu_cores": run.server_cpu_cores}
+            "items_per_s_offered": rate * rows, "items_per_s": run["items_per_s"], "seconds": run["seconds"],
+            "late_sends": None, "delayed_fraction": run["delayed_fraction"], **_perf_analyzer_keys(run)}
+
+
+def _check_load_generator(name: str) -> None:
+    if name not in LOAD_GENERATORS:
+        raise ValueError(f"load generator must be one of {', '.join(LOAD_GENERATORS)}, got {name!r}")
 
 
 def statistics(url: str) -> dict[str, dict]:
@@ -178,6 +246,8 @@ class ServedPlan:
     # fixed-rate window runs until it has this many requests (at most at_load_max_s), so p99 is the 5th-worst.
     at_load_min_requests: int = 500
     at_load_max_s: float = 60.0
+    # "perf_analyzer" (Triton's C++ client; an error if it cannot be found) or "python" (mmfuse.loadgen)
+    load_generator: str = "perf_analyzer"
 
 
 def served(repository: Path, model_name: str, images: Sequence[bytes], captions: Sequence[str], plan: ServedPlan,
@@ -187,6 +257,10 @@ def served(repository: Path, model_name: str, images: Sequence[bytes], captions:
     ``plan.load_fraction`` of its closed-loop peak; each with the models' statistics over the run."""
     from ..server import ServerConfig, ServerError, TritonServer
 
+    _check_load_generator(plan.load_generator)
+    if plan.load_generator == "perf_analyzer":  # before the server starts: a missing one fails at once
+        perf_analyzer.find_perf_analyzer()
+        perf_analyzer.library_dir()
     server = None
     for attempt in range(3):
         server = TritonServer(ServerConfig.on_free_ports(model_repository=repository),
@@ -208,7 +282,7 @@ def served(repository: Path, model_name: str, images: Sequence[bytes], captions:
             duration = plan.text_duration_s if ensemble == "embed_text" else plan.duration_s
             before = statistics(url)
             out[ensemble] = closed_loop_run(url, ensemble, requests, plan.rows, plan.concurrency, plan.warmup_s,
-                                        duration, plan.max_requests, pid)
+                                            duration, plan.max_requests, pid, plan.load_generator)
             out[ensemble]["models"] = triton_stats.delta(before, statistics(url))
         if fixed_rate and "fuse_image_text" in out:
             peak = out["fuse_image_text"]["items_per_s"]
@@ -217,7 +291,7 @@ def served(repository: Path, model_name: str, images: Sequence[bytes], captions:
             before = statistics(url)
             window = max(plan.duration_s, min(plan.at_load_min_requests / rate, plan.at_load_max_s))
             run = fixed_rate_run(url, "fuse_image_text", requests, plan.rows, rate, window, plan.warmup_s,
-                             plan.max_requests, pid)
+                                 plan.max_requests, pid, plan.load_generator)
             models = triton_stats.delta(before, statistics(url))
             fusion_ms = models.get("fusion", {}).get("request_ms", math.nan)
             run.update(load_fraction=plan.load_fraction, models=models, fusion_ms=fusion_ms,

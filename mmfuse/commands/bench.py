@@ -39,6 +39,9 @@ def register(sub) -> None:
     p.add_argument("--duration", type=float, help="seconds per served measurement (default 20; quick 3)")
     p.add_argument("--images", type=int, help="distinct input images (default 16; quick 4)")
     p.add_argument("--image-size", type=_size, help="WIDTHxHEIGHT of the generated JPEGs (default 640x480)")
+    p.add_argument("--load-generator", choices=("perf_analyzer", "python"), default="perf_analyzer",
+                   help="what loads the served runs: Triton's perf_analyzer (default; from the tritonclient wheel) or "
+                        "mmfuse's asyncio Python client")
     p.add_argument("--no-served", action="store_true", help="in-process measurements only (no tritonserver)")
     p.add_argument("--out", default="", help="write the full results as JSON to this file")
     p.set_defaults(func=run)
@@ -46,6 +49,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench import BenchOptions, run_bench, table, write_json
+    from ..perf_analyzer import PerfAnalyzerError
     from ..server import ServerError
 
     options = BenchOptions.quick_options() if args.quick else BenchOptions()
@@ -64,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size is not None:
         options.image_size = args.image_size
     plan = options.plan
+    plan.load_generator = args.load_generator
     for name, value in (("rows", args.rows), ("concurrency", args.concurrency), ("duration_s", args.duration)):
         if value is not None:
             if value <= 0:
@@ -74,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
         print("mmfuse bench: --images must be >= 1", file=sys.stderr)
         return 2
     try:
+        if options.served and plan.load_generator == "perf_analyzer":  # before minutes of in-process measurements
+            from ..perf_analyzer import find_perf_analyzer, library_dir
+
+            find_perf_analyzer()
+            library_dir()
         result = run_bench(options, progress=lambda message: print(f"mmfuse bench: {message}", file=sys.stderr, flush=True))
-    except ServerError as error:
+    except (ServerError, PerfAnalyzerError) as error:
         print(f"mmfuse bench: {error}", file=sys.stderr)
         return 1
     print(table(result))

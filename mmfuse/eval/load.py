@@ -1,13 +1,20 @@
 """Performance under load, on loopback: closed-loop concurrency and open-loop request rates.
 
-The load is mmfuse.loadgen's (the bench's too). Every run is bounded twice, by a request count and by a
-duration, and sends one-row requests drawn in turn from a small pool of real inputs (shapes images,
-captions, embeddings the server made). What is measured per run:
+The load is Triton's perf_analyzer's (mmfuse.perf_analyzer, as the bench's), or mmfuse.loadgen's asyncio
+client with ``load_generator="python"``. Every run sends one-row requests drawn in turn from a small pool of
+real inputs (shapes images, captions, embeddings the server made) and is bounded by a request count and a
+duration: mmfuse.loadgen stops at whichever comes first; perf_analyzer sends exactly a request count
+(``--request-count``, no warm-up: Triton's statistics over the run are those requests), chosen so that the
+run fits the duration: at a fixed rate ``rate x seconds`` (at least one second of requests, perf_analyzer's
+minimum), in a closed loop ``throughput_hint x seconds`` (the best throughput seen so far) where a hint is
+given. What is measured per run:
 
-* client side: requests sent, completed, errors by gRPC status, throughput (completed / wall time),
-  latency p50 / p95 / p99 / mean to the response from the moment a request is handed to gRPC (closed
-  loop) or from its due time (open loop: equal while the client keeps its schedule; ``late_sends``
-  counts the sends that did not);
+* client side: requests sent, completed, errors (by gRPC status; with perf_analyzer a failed request ends
+  the run: its exit status and message, the requests Triton saw succeed counted as completed), throughput
+  (completed / the run's time: perf_analyzer's, from its first send to its last response), latency
+  p50 / p95 / p99 / mean to the response from the moment a request is sent (mmfuse.loadgen's open loop:
+  from its due time, equal while the client keeps its schedule); ``late_sends`` counts the sends that were
+  late (perf_analyzer: its share of delayed requests times the requests);
 * server memory, of the server's process tree (tritonserver and its python-backend stubs): the
   proportional set size before the run (PSS: each shared page split between the processes that map
   it; a sum of RSS would count torch's libraries once per stub), and the resident memory sampled
@@ -26,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import triton_stats
+from .. import perf_analyzer, triton_stats
 from ..loadgen import LoadPlan, LoadResult, run_triton
 from ..wire import bytes_column
 
@@ -34,13 +41,15 @@ FUSION_MODELS = ("fusion", "fusion_pooled", "fusion_image_text_tabular")
 
 
 class Run(LoadResult):
-    """One load run of an ensemble: mmfuse.loadgen's figures, the load that made them, Triton's statistics."""
+    """One load run of an ensemble: the load generator's figures, the load that made them, Triton's statistics."""
 
-    def __init__(self, ensemble: str, mode: str, load: float, **figures: Any):
+    def __init__(self, ensemble: str, mode: str, load: float, load_generator: str = "python", **figures: Any):
         super().__init__(**figures)
         self.ensemble = ensemble
         self.mode = mode  # closed | open
         self.load = load  # concurrency (closed) or requests per second (open)
+        self.load_generator = load_generator  # perf_analyzer | python
+        self.perf_analyzer: dict[str, Any] | None = None  # its command line, wall and CPU time
         self.steps: dict[str, dict[str, Any]] = {}  # composing model -> mmfuse.triton_stats delta
         self.ensemble_stats: dict[str, Any] = {}
 
@@ -66,6 +75,8 @@ class Run(LoadResult):
                        "peak_rss_bytes": self.rss_peak,
                        "bytes_per_request_in_flight": None if per_request is None else int(per_request)},
             "server": {"ensemble": self.ensemble_stats, "steps": self.steps, "fusion_share": share},
+            "load_generator": self.load_generator,
+            **({"perf_analyzer": self.perf_analyzer} if self.perf_analyzer is not None else {}),
         }
 
 
@@ -116,20 +127,62 @@ def request_pool(client, options, ensemble: str, images: Sequence[bytes], texts:
 
 def measure(client, url: str, ensemble: str, pool: list, outputs: Sequence[str], mode: str, load: float,
             max_requests: int, max_seconds: float, server_pid: int | None, timeout_s: float = 30.0,
-            max_outstanding: int = 256) -> Run:
-    """One bounded run (mmfuse.loadgen: ``closed`` at ``load`` requests in flight, or ``open`` at ``load``
-    requests per second), with Triton's statistics (mmfuse.triton_stats) and the server's memory around it."""
+            max_outstanding: int = 256, load_generator: str = "perf_analyzer",
+            throughput_hint: float | None = None) -> Run:
+    """One bounded run (``closed`` at ``load`` requests in flight, or ``open`` at ``load`` requests per second)
+    by ``load_generator`` (perf_analyzer or python: mmfuse.loadgen), with Triton's statistics
+    (mmfuse.triton_stats) and the server's memory around it. ``throughput_hint`` (requests per second): what
+    bounds a perf_analyzer closed loop's request count to ``max_seconds``."""
     models = [ensemble] + composing_models(client, ensemble)
-    plan = LoadPlan(concurrency=int(load) if mode == "closed" else 1, rate=float(load) if mode == "open" else 0.0,
-                    max_requests=max_requests, max_seconds=max_seconds, timeout_s=timeout_s,
-                    max_outstanding=max_outstanding)
     before = triton_stats.snapshot(client)
-    result = run_triton(url, ensemble, pool, outputs, plan, server_pid, sample_memory=True)
-    stats = triton_stats.delta(before, triton_stats.snapshot(client), models)
-    run = Run(ensemble, mode, load, **{f.name: getattr(result, f.name) for f in fields(LoadResult)})
+    if load_generator == "python":
+        plan = LoadPlan(concurrency=int(load) if mode == "closed" else 1, rate=float(load) if mode == "open" else 0.0,
+                        max_requests=max_requests, max_seconds=max_seconds, timeout_s=timeout_s,
+                        max_outstanding=max_outstanding)
+        result = run_triton(url, ensemble, pool, outputs, plan, server_pid, sample_memory=True)
+        stats = triton_stats.delta(before, triton_stats.snapshot(client), models)
+        run = Run(ensemble, mode, load, "python", **{f.name: getattr(result, f.name) for f in fields(LoadResult)})
+    elif load_generator == "perf_analyzer":
+        count = request_count(mode, load, max_requests, max_seconds, throughput_hint)
+        kind = {"concurrency": int(load)} if mode == "closed" else {"request_rate": float(load)}
+        try:
+            r = perf_analyzer.run(url, ensemble, pool, **kind, request_count=count, server_pid=server_pid,
+                                  sample_memory=True, timeout_s=max(300.0, 30 * max_seconds) + timeout_s)
+        except perf_analyzer.PerfAnalyzerError as error:
+            if error.returncode is None and not error.command:  # not found or not runnable: nothing was measured
+                raise
+            stats = triton_stats.delta(before, triton_stats.snapshot(client), models)
+            run = Run(ensemble, mode, load, "perf_analyzer", sent=count, completed=stats[ensemble]["requests"])
+            run.errors = {f"perf_analyzer exit {error.returncode}: {str(error).splitlines()[0][:200]}":
+                          max(1, count - run.completed)}
+            run.perf_analyzer = {"command_line": " ".join(error.command), "error": str(error)}
+        else:
+            stats = triton_stats.delta(before, triton_stats.snapshot(client), models)
+            run = Run(ensemble, mode, load, "perf_analyzer", sent=count, completed=r["requests"], seconds=r["seconds"],
+                      latencies_ms=r["latencies_ms"], max_in_flight=r["max_in_flight"],
+                      late_sends=round(r["delayed_fraction"] * r["requests"]), server_cpu_s=r.get("server_cpu_s"),
+                      rss_idle=r.get("rss_idle"), rss_peak=r.get("rss_peak"), pss_idle=r.get("pss_idle"))
+            run.perf_analyzer = {k: r[k] for k in ("command_line", "wall_s", "cpu_s", "delayed_fraction")}
+    else:
+        raise ValueError(f"load generator must be perf_analyzer or python, got {load_generator!r}")
     run.ensemble_stats = stats.pop(ensemble)
     run.steps = stats
     return run
+
+
+def request_count(mode: str, load: float, max_requests: int, max_seconds: float,
+                  throughput_hint: float | None = None) -> int:
+    """The requests of one perf_analyzer run: ``max_requests``, or fewer where the duration bounds the run (a
+    fixed rate: ``rate x max_seconds``; a closed loop: ``throughput_hint x max_seconds``), never under what
+    perf_analyzer accepts (the concurrency; one second of requests at a rate)."""
+    count = max(1, int(max_requests))
+    if mode == "open":
+        return max(1, min(count, int(load * max_seconds)), math.ceil(load))
+    if mode != "closed":
+        raise ValueError(f"mode must be closed or open, got {mode!r}")
+    if throughput_hint and throughput_hint > 0:
+        count = min(count, max(1, math.ceil(throughput_hint * max_seconds)))
+    return max(count, int(load))
 
 
 def warm_up(client, options, ensemble: str, pool: list, outputs: Sequence[str], rounds: int = 2) -> None:

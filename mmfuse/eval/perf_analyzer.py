@@ -1,4 +1,8 @@
-"""The same load with Triton's perf_analyzer: its input files and command lines.
+"""The same load with Triton's perf_analyzer, by hand: its input files and command lines for the report.
+
+``mmfuse eval`` itself runs perf_analyzer through mmfuse.perf_analyzer (which finds the binary, links its two
+libraries under the user's cache and writes the same input data: ``input_data``, re-exported here); the lines
+below let a reader rerun the measurement from a shell.
 
 perf_analyzer ships in the tritonclient 2.51 wheel (``.venv/bin/perf_analyzer``); it needs
 ``libb64.so.0d`` and ``libcudart.so.12``, which the nvidia-pytriton wheel carries under hashed names
@@ -9,14 +13,14 @@ form, as perf_analyzer reads it: each element a 4-byte little-endian length and 
 """
 from __future__ import annotations
 
-import base64
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np  # noqa: F401 - pools hold numpy arrays
+from ..perf_analyzer import input_data
+
+__all__ = ["SETUP", "commands", "fill_commands", "input_data", "write_inputs"]
 
 SETUP = """\
 SP=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -24,25 +28,6 @@ mkdir -p /tmp/pa-libs
 ln -sf "$SP"/nvidia_pytriton.libs/libb64-*.so.0d /tmp/pa-libs/libb64.so.0d
 ln -sf "$SP"/nvidia_pytriton.libs/libcudart-*.so.12* /tmp/pa-libs/libcudart.so.12
 export LD_LIBRARY_PATH=/tmp/pa-libs"""
-
-
-def input_data(pool: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Any]:
-    """perf_analyzer's --input-data JSON: one entry per request of the pool (batch 1, so no batch dim)."""
-    entries = []
-    for request in pool:
-        entry = {}
-        for name, array in request.items():
-            row = array[0]
-            if array.dtype == object:  # b64 is the serialised tensor: each element length-prefixed (uint32 LE)
-                raw = b"".join(struct.pack("<I", len(bytes(x))) + bytes(x) for x in row.reshape(-1))
-                entry[name] = {"b64": base64.b64encode(raw).decode(), "shape": list(row.shape)}
-            else:
-                values = row.reshape(-1).tolist()
-                if row.dtype.kind == "f":  # float32 carries ~7 digits; more only makes the file longer
-                    values = [float(f"{v:.7g}") for v in values]
-                entry[name] = {"content": values, "shape": list(row.shape)}
-        entries.append(entry)
-    return {"data": entries}
 
 
 def commands(ensemble: str, data_file: str, concurrencies: Sequence[int], rates: Sequence[float],

@@ -46,6 +46,7 @@ class EvalConfig:
     data: Path | None = None  # a manifest of the user's own (JSONL/CSV): evaluate on its rows, not the shapes benchmark
     task: str | None = None  # the data's task (classify | match); None: the served head's
     max_rows: int = 200  # data mode: at most this many rows (a seeded subset, classes in turn); 0 = every row
+    load_generator: str = "perf_analyzer"  # the load runs': Triton's perf_analyzer, or "python" (mmfuse.loadgen)
 
     @classmethod
     def quick_defaults(cls, **kwargs) -> EvalConfig:
@@ -474,8 +475,19 @@ def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher:
         pool_images = [x for i, x in enumerate(data.images) if data.kinds[i] == "positive"][:16] or data.images[:16]
         pool_texts = [t for i, t in enumerate(data.texts) if data.kinds[i] == "positive"][:16] or data.texts[:16]
     ensembles = list(cfg.ensembles) or served_ensembles(client)
+    if cfg.load_generator == "perf_analyzer":  # before any run: a missing perf_analyzer fails at once
+        from ..perf_analyzer import find_perf_analyzer, library_dir
+
+        find_perf_analyzer()
+        library_dir()
     runs: list[dict] = []
     pools: dict[str, list] = {}
+    best_per_s: dict[str, float] = {}  # the best closed-loop throughput per ensemble: bounds perf_analyzer's counts
+
+    def measure(ensemble, pool, outputs, mode, load, requests, pid_):
+        return L.measure(client, url, ensemble, pool, outputs, mode, load, requests, cfg.load_seconds, pid_,
+                         cfg.timeout_s, load_generator=cfg.load_generator, throughput_hint=best_per_s.get(ensemble))
+
     for ensemble in ensembles:
         outputs = [o.name for o in client.get_model_config(ensemble).config.output]
         pool = L.request_pool(client, options, ensemble, pool_images, pool_texts, cfg.seed)
@@ -483,18 +495,17 @@ def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher:
         L.warm_up(client, options, ensemble, pool, outputs)
         best = 0.0
         for concurrency in cfg.concurrencies:
-            run = L.measure(client, url, ensemble, pool, outputs, "closed", concurrency, cfg.load_requests,
-                            cfg.load_seconds, pid, cfg.timeout_s)
+            run = measure(ensemble, pool, outputs, "closed", concurrency, cfg.load_requests, pid)
             summary = run.summary()
             runs.append(summary)
             best = max(best, summary["throughput_per_s"] or 0.0)
+            best_per_s[ensemble] = best
             say(f"{ensemble}: concurrency {concurrency}: {summary['throughput_per_s']} req/s, "
                 f"p50 {summary['latency_ms']['p50']} ms, p99 {summary['latency_ms']['p99']} ms, "
                 f"errors {sum(summary['errors'].values())}")
         rates = list(cfg.rates) or L.default_rates(best)
         for rate in rates:
-            run = L.measure(client, url, ensemble, pool, outputs, "open", rate, cfg.load_requests, cfg.load_seconds,
-                            pid, cfg.timeout_s)
+            run = measure(ensemble, pool, outputs, "open", rate, cfg.load_requests, pid)
             summary = run.summary()
             runs.append(summary)
             say(f"{ensemble}: {rate} req/s offered: {summary['throughput_per_s']} req/s, "
@@ -513,10 +524,8 @@ def _load(cfg: EvalConfig, client, options, url: str, pid: int | None, switcher:
                 switcher.use(Head(h["name"], h["strategy"], Path(h["path"]).resolve(), h["source"],
                                   {"hparams": h["hparams"], "task": task, "classes": h.get("classes") or []}))
             # A freshly loaded fusion model's first requests are slow: a discarded run first.
-            L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency,
-                      min(50, cfg.load_requests), cfg.load_seconds, None, cfg.timeout_s)
-            run = L.measure(client, url, ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency, cfg.load_requests,
-                            cfg.load_seconds, pid, cfg.timeout_s)
+            measure(ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency, min(50, cfg.load_requests), None)
+            run = measure(ENSEMBLE, pools[ENSEMBLE], outputs, "closed", concurrency, cfg.load_requests, pid)
             summary = run.summary()
             summary["strategy"] = h["name"]
             overhead.append(summary)

@@ -90,4 +90,34 @@ def test_limit_ratios_and_statistics_are_consistent(quick_run):
         s["embed_image"]["served_per_s"] / measured["embed_image_per_s"])
     for model in ("image_encoder", "text_encoder"):
         assert "# mmfuse profile 'cpu'" in result["configs"][model]
-        assert 'string_value: "bf16"' in result["configs"][model]
+        assert 'string_value: "auto"' in result["configs"][model]  # resolved where it serves
+    from mmfuse.serving.hardware import resolve_precision
+
+    assert result["served_precision"] == resolve_precision("auto")
+
+
+@pytest.mark.timeout(600)
+def test_served_figures_came_from_perf_analyzer(quick_run):
+    """Every served figure was measured by Triton's perf_analyzer (the default load generator), and Triton's own
+    statistics saw at least the requests it reports, each with its rows, none failed."""
+    stdout, result = quick_run
+    served, rows = result["served"], result["options"]["plan"]["rows"]
+    assert result["options"]["plan"]["load_generator"] == "perf_analyzer"
+    for name in ("embed_image", "embed_text", "fuse_image_text", "fuse_image_text_at_load"):
+        run = served[name]
+        assert run["load_generator"] == "perf_analyzer", name
+        assert run["requests"] > 0 and run["errors"] == 0, name
+        line = run["perf_analyzer"]["command_line"].split()
+        assert line[0].endswith("perf_analyzer") and line[line.index("-b") + 1] == str(rows), name
+        ensemble = "fuse_image_text" if name == "fuse_image_text_at_load" else name
+        models = run["models"]
+        assert models[ensemble]["requests"] >= run["requests"] and models[ensemble]["failures"] == 0, name
+        step = "image_encoder" if name == "embed_image" else "text_preprocess"  # the first step (cpu profile)
+        assert sum(int(size) * count for size, count in models[step]["batch_sizes"].items()) == \
+            rows * models[step]["requests"], name
+    assert "--concurrency-range" in served["embed_text"]["perf_analyzer"]["command_line"]
+    assert "--request-rate-range" in served["fuse_image_text_at_load"]["perf_analyzer"]["command_line"]
+    for name in ("embed_image", "embed_text", "fuse_image_text"):
+        assert result["summary"][name]["load_generator"] == "perf_analyzer"
+    assert result["summary"]["at_load"]["load_generator"] == "perf_analyzer"
+    assert "load generator: perf_analyzer" in stdout and "fixed rate by perf_analyzer" in stdout
