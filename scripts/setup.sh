@@ -57,6 +57,8 @@ import nncf, numpy, open_clip, openvino, torch, tritonclient.grpc  # noqa: F401
 from mmfuse.server import find_triton
 assert int(numpy.__version__.split(".")[0]) < 2, f"numpy {numpy.__version__}: Triton 2.51's stub needs numpy<2"
 install = find_triton()
+from mmfuse.perf_analyzer import find_perf_analyzer, library_dir  # the load generator and its two libraries
+print(f"mmfuse setup: perf_analyzer {find_perf_analyzer()} (libraries linked in {library_dir()})")
 print(f"mmfuse setup: ok (torch {torch.__version__}, open_clip {open_clip.__version__}, numpy {numpy.__version__}, "
       f"tritonserver {install.binary})")
 PY
