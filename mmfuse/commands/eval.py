@@ -4,14 +4,19 @@
     mmfuse eval --out DIR --url 127.0.0.1:8001  # a running server on this machine (explicit mode to switch heads)
     mmfuse eval --out DIR --quick               # a small run (the e2e test's size)
     mmfuse eval --data TEST.jsonl --out DIR     # on your own rows (task and classes of the served heads)
+    mmfuse eval --out DIR --load-generator python  # load runs by mmfuse's asyncio client instead of perf_analyzer
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..paths import DEFAULT_MODEL_REPOSITORY
+
+if TYPE_CHECKING:
+    from ..eval.runner import EvalConfig
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -51,26 +56,36 @@ def register(sub) -> None:
                                                 "the best closed-loop throughput)")
     p.add_argument("--load-requests", type=int, help="at most this many requests per load run (default 300)")
     p.add_argument("--load-seconds", type=float, help="at most this long per load run, in seconds (default 2)")
+    p.add_argument("--load-generator", choices=("perf_analyzer", "python"), default="perf_analyzer",
+                   help="what loads the load runs: Triton's perf_analyzer (default; from the tritonclient wheel) or "
+                        "mmfuse's asyncio Python client")
     p.add_argument("--no-robustness", action="store_true", help="performance only")
     p.add_argument("--no-load", action="store_true", help="robustness only")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The EvalConfig that ``args`` (this command's parsed options) ask for (``--quick``: its small defaults)."""
     from ..eval.runner import EvalConfig
-    from ..eval.runner import run as run_eval
 
     values = {"out": Path(args.out), "url": args.url, "repository": Path(args.model_repository),
               "heads": [Path(h) for h in args.heads], "seed": args.seed,
               "robustness": not args.no_robustness, "load": not args.no_load,
-              "data": Path(args.data) if args.data else None, "task": args.task}
+              "data": Path(args.data) if args.data else None, "task": args.task,
+              "load_generator": args.load_generator}
     if args.max_rows is not None:
         values["max_rows"] = args.max_rows
     optional = {"per_kind": args.per_kind, "levels": args.levels, "corruptions": tuple(args.corruptions or ()),
                 "ensembles": tuple(args.ensembles or ()), "concurrencies": args.concurrencies, "rates": args.rates,
                 "load_requests": args.load_requests, "load_seconds": args.load_seconds}
     values.update({k: v for k, v in optional.items() if v})
-    cfg = EvalConfig.quick_defaults(**values) if args.quick else EvalConfig(**values)
+    return EvalConfig.quick_defaults(**values) if args.quick else EvalConfig(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..eval.runner import run as run_eval
+
+    cfg = config_from_args(args)
     if args.task and not args.data:
         print("mmfuse eval: --task is the task of --data", file=sys.stderr)
         return 2
@@ -88,11 +103,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"mmfuse eval: levels must be in [0, 1], got {cfg.levels}", file=sys.stderr)
         return 2
     from ..datasets import DatasetError
+    from ..perf_analyzer import PerfAnalyzerError
     from ..server import ServerError
 
     try:
+        if cfg.load and cfg.load_generator == "perf_analyzer":  # before the server and the robustness runs
+            from ..perf_analyzer import find_perf_analyzer, library_dir
+
+            find_perf_analyzer()
+            library_dir()
         run_eval(cfg, sys.argv[1:])
-    except ServerError as error:
+    except (ServerError, PerfAnalyzerError) as error:
         print(f"mmfuse eval: {error}", file=sys.stderr)
         return 1
     except DatasetError as error:

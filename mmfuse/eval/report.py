@@ -551,21 +551,79 @@ def _robustness_data_md(rob: dict, lines: list[str]) -> None:
         lines += ["![the imperfections on one row](corruptions.png)", ""]
 
 
-def _load_md(load: dict, lines: list[str]) -> None:
+#: a load run's ``load_generator`` (report.json) -> what made its figures, as the report names it
+LOAD_GENERATORS = {
+    "perf_analyzer": "Triton's perf_analyzer (C++ client from the tritonclient wheel)",
+    "python": "mmfuse's asyncio Python client (mmfuse.loadgen)",
+}
+
+
+def _load_label(r: dict) -> str:
+    return f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate_per_s']:g}/s"
+
+
+def load_generators(load: dict) -> dict[str, list[str]]:
+    """Each load generator of the load runs (the strategy-overhead runs too) -> the runs it made, in order. A run
+    without ``load_generator`` comes from a report made before perf_analyzer: the asyncio client's."""
+    out: dict[str, list[str]] = {}
+    for r in list(load["runs"]) + list(load.get("strategy_overhead") or []):
+        label = f"{r['ensemble']} {_load_label(r)}" + (f" ({r['strategy']})" if r.get("strategy") else "")
+        out.setdefault(r.get("load_generator") or "python", []).append(label)
+    return out
+
+
+def _generator_name(generator: str) -> str:
+    return LOAD_GENERATORS.get(generator, f"`{generator}`")
+
+
+def _generators_text(generators: dict[str, list[str]]) -> str:
+    """"by X" for one load generator, "by X for runs...; by Y for runs..." for several."""
+    if len(generators) == 1:
+        return f"by {_generator_name(next(iter(generators)))}"
+    return "; ".join(f"by {_generator_name(g)} for {', '.join(runs)}" for g, runs in generators.items())
+
+
+def _how_measured(generator: str, b: dict) -> str:
+    """How one load generator bounds, loads and times a run (what mmfuse.eval.load and mmfuse.perf_analyzer do)."""
+    n, s = b["requests"], b["seconds"]
+    if generator == "perf_analyzer":
+        return (f"perf_analyzer: each run is one request count (`--request-count`; no warm-up, no measurement "
+                f"windows, so no stability check): {n} requests, fewer where {s:g} s bounds the run (at a fixed "
+                f"rate, rate x {s:g} s; in a closed loop, the best closed-loop throughput so far x {s:g} s), never "
+                "fewer than perf_analyzer accepts (the concurrency; one second of requests at a rate). Closed loop "
+                "(`--concurrency-range`, `--sync`): a fixed number of requests in flight. Open loop "
+                "(`--request-rate-range`, `--request-distribution constant`, `--async`): requests sent at constant "
+                "intervals whatever the answers. Latency from each request's send to its response, throughput "
+                "from the first send to the last response (both from perf_analyzer's profile export). A failed "
+                "request ends perf_analyzer's run: the errors column then gives its exit status and message, and "
+                "the requests Triton saw succeed count as completed. Each run's command line is in `report.json` "
+                "(`perf_analyzer.command_line`).")
+    if generator == "python":
+        return (f"The asyncio client: each run stops at {n} requests or {s:g} s, whichever comes first (the requests "
+                "still in flight are waited for). Closed loop: a fixed number of requests in flight (concurrency), "
+                "each sent when one completes. Open loop: requests sent on a fixed schedule whatever the answers "
+                "(at most 256 outstanding; a due request beyond that is not sent and counts as a `client_backlog` "
+                "error). Latency to the response from the send (closed loop) or from the request's due time (open "
+                "loop: a client falling behind shows in the latency).")
+    return f"`{generator}`: each run bounded to {n} requests and {s:g} s."
+
+
+def _load_md(load: dict, lines: list[str], configured: str | None = None) -> None:
+    """``configured``: the run's --load-generator (report.json's config), named when there is no run to go by."""
     b = load["bounds"]
+    generators = load_generators(load) or {configured or "python": []}
     lines += [
         "## Performance under load", "",
-        f"One-row requests from a pool of real inputs, over loopback gRPC (asyncio tritonclient), each run bounded to "
-        f"{b['requests']} requests and {b['seconds']:g} s. Closed loop: a fixed number of requests in flight "
-        "(concurrency). Open loop: requests sent on a fixed schedule whatever the answers (at most 256 outstanding). "
-        "Latency from hand-over to gRPC to the response. Memory of the server's process tree (tritonserver and its "
+        f"One-row requests from a pool of real inputs, sent over loopback gRPC {_generators_text(generators)}. "
+        + " ".join(_how_measured(g, b) for g in generators) + " "
+        "Memory of the server's process tree (tritonserver and its "
         "python-backend stubs): its proportional set size before the run (PSS: shared pages split between the "
         "processes that map them), the growth of its resident memory (RSS sampled every 50 ms: peak - before), and "
         "that growth per request in flight (most requests in flight at once).", "",
         "| ensemble | load | sent | req/s | p50 ms | p95 ms | p99 ms | errors | server PSS MiB | RSS growth KiB | "
         "KiB per request | fusion share |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in load["runs"]:
-        loadtxt = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate_per_s']:g}/s"
+        loadtxt = _load_label(r)
         mem = r["memory"]
         per = mem["bytes_per_request_in_flight"]
         growth = None if mem["peak_rss_bytes"] is None else mem["peak_rss_bytes"] - mem["idle_rss_bytes"]
@@ -604,17 +662,36 @@ def _load_md(load: dict, lines: list[str]) -> None:
                          f"{_pct(r['server']['fusion_share'])} | {'-' if fusion is None else _num(fusion['mean_batch_rows'], 2)} |")
     pa = load["perf_analyzer"]
     lines += ["", "![latency](latency.png)", "", "![per-step breakdown and batch sizes](breakdown.png)", "",
-              "### The same measurements with perf_analyzer", "",
-              "perf_analyzer ships in the tritonclient wheel; it needs two libraries that the nvidia-pytriton wheel "
-              "carries under hashed names (linked by the first lines below). Run from the checkout, against the "
-              "server measured (`URL`; for the embedded server of `mmfuse eval`, start `mmfuse serve` and use "
-              "127.0.0.1:8001). The input files in `perf_analyzer/` are the very requests sent above, one row each. "
-              "perf_analyzer waits for three stable measurement windows; on a busy machine loosen "
-              "`--stability-percentage` further.", "", "```bash", pa["setup"]]
+              "### The same measurements with perf_analyzer", "", _by_hand_text(generators), "", "```bash", pa["setup"]]
     for e, entry in pa["commands"].items():
         lines += [f"# {e}"] + entry["lines"]
     lines += ["```", "", "perf_analyzer prints the same figures: throughput, p50/p90/p95/p99 latency, and the server-side "
               "queue / compute per composing model from the same statistics API (\"Composing models\")."]
+
+
+def _by_hand_text(generators: dict[str, list[str]]) -> str:
+    """What the perf_analyzer command lines are, given what made the figures above."""
+    same = "the same ensembles, concurrencies, rates and inputs"
+    if set(generators) == {"perf_analyzer"}:
+        intro = ("The figures above were already measured by perf_analyzer (`mmfuse eval` ran it once per run). The "
+                 f"lines below rerun the same load by hand: {same}, but measured in count windows instead of one "
+                 "request count per run.")
+    elif "perf_analyzer" in generators:
+        others = " and ".join(_generator_name(g) for g in generators if g != "perf_analyzer")
+        intro = (f"Some figures above were measured by perf_analyzer, the others by {others}. The lines below "
+                 f"measure the same load with perf_analyzer by hand: {same}, in count windows.")
+    else:
+        intro = (f"The figures above were measured {_generators_text(generators)}. The lines below measure the same "
+                 f"load with perf_analyzer (`mmfuse eval`'s default load generator) by hand: {same}, in count "
+                 "windows.")
+    return (intro + " perf_analyzer ships in the tritonclient wheel; it needs two libraries that the nvidia-pytriton "
+            "wheel carries under hashed names (linked by the first lines below; `mmfuse eval` links them in a "
+            "folder of the user's cache). Run from the checkout, against the server measured (`URL`; for the "
+            "embedded server of `mmfuse eval`, start `mmfuse serve` and use 127.0.0.1:8001). The input files in "
+            "`perf_analyzer/` are the very requests sent above, one row each. With `--stability-percentage 50 "
+            "--percentile 99` perf_analyzer measures windows until the last three agree within 50 % (max / min) in "
+            "throughput and in p99 latency, and exits without a report when ten windows (its default "
+            "`--max-trials`) never do: on a busy machine loosen `--stability-percentage` further.")
 
 
 def _slug(name: str) -> str:
@@ -642,7 +719,7 @@ def markdown(report: dict) -> str:
         else:
             _robustness_md(report["robustness"], lines)
     if "load" in report:
-        _load_md(report["load"], lines)
+        _load_md(report["load"], lines, (report.get("config") or {}).get("load_generator"))
     return "\n".join(lines) + "\n"
 
 

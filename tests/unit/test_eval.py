@@ -209,3 +209,126 @@ def test_report_from_figures(tmp_path):
     assert fig["curves"]["noise"]["relative_robustness"] == pytest.approx(
         np.trapz(fig["curves"]["noise"]["balanced"], levels))
     assert math.isfinite(fig["curves"]["noise"]["effective_robustness_mean"])
+
+
+# -- the load generator: the command line and the report ------------------------------------------------------
+def _eval_args(*argv: str):
+    from mmfuse.cli import build_parser
+
+    return build_parser().parse_args(["eval", "--out", "report", *argv])
+
+
+@pytest.mark.parametrize("argv, expected", [((), "perf_analyzer"), (("--load-generator", "python"), "python"),
+                                            (("--load-generator", "python", "--quick"), "python"),
+                                            (("--load-generator", "perf_analyzer", "--quick"), "perf_analyzer")])
+def test_load_generator_option_goes_into_the_config(argv, expected):
+    from mmfuse.commands.eval import config_from_args
+
+    cfg = config_from_args(_eval_args(*argv))
+    assert cfg.load_generator == expected
+    assert cfg.quick == ("--quick" in argv)
+
+
+def test_an_unknown_load_generator_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _eval_args("--load-generator", "locust")
+    assert exit_.value.code == 2
+    assert "invalid choice: 'locust'" in capsys.readouterr().err
+
+
+def test_a_missing_perf_analyzer_is_one_line_and_status_1_before_anything_runs(monkeypatch, tmp_path, capsys):
+    import mmfuse.eval.runner as runner
+    from mmfuse.cli import main
+
+    started = []
+    monkeypatch.setattr(runner, "run", lambda cfg, argv=None: started.append(cfg))
+    monkeypatch.setenv("MMFUSE_PERF_ANALYZER", str(tmp_path / "no-such-binary"))
+    assert main(["eval", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"mmfuse eval: MMFUSE_PERF_ANALYZER={tmp_path / 'no-such-binary'} is not a file\n"
+    assert started == []  # neither the server nor the robustness runs were started
+    # Neither --load-generator python nor --no-load needs perf_analyzer.
+    assert main(["eval", "--out", str(tmp_path / "out"), "--load-generator", "python"]) == 0
+    assert main(["eval", "--out", str(tmp_path / "out"), "--no-load"]) == 0
+    assert [c.load_generator for c in started] == ["python", "perf_analyzer"]
+
+
+def test_a_perf_analyzer_failure_during_the_run_is_one_line_and_status_1(monkeypatch, tmp_path, capsys):
+    import mmfuse.eval.runner as runner
+    from mmfuse.cli import main
+    from mmfuse.perf_analyzer import PerfAnalyzerError
+
+    def fail(cfg, argv=None):
+        raise PerfAnalyzerError("perf_analyzer not found (not in /x, not on PATH)")
+
+    monkeypatch.setattr(runner, "run", fail)
+    assert main(["eval", "--out", str(tmp_path / "out"), "--load-generator", "python"]) == 1
+    assert capsys.readouterr().err == "mmfuse eval: perf_analyzer not found (not in /x, not on PATH)\n"
+
+
+def _load_report(generators: list[str | None], configured: str | None = None) -> dict:
+    """A report with only a load section: one closed-loop run per entry of ``generators`` (None: a run of a report
+    made before runs recorded their load generator)."""
+    runs = []
+    for i, generator in enumerate(generators):
+        run = L.Run("fuse_image_text" if i % 2 == 0 else "embed_text", "closed" if i < 2 else "open", 2 + i,
+                    generator or "python", sent=3, completed=3, seconds=1.0, latencies_ms=[1.0, 2.0, 3.0],
+                    max_in_flight=2, rss_idle=2**20, rss_peak=2**21)
+        run.ensemble_stats = {"requests": 3, "request_ms": 0.004}
+        summary = run.summary()
+        if generator is None:
+            del summary["load_generator"]
+        runs.append(summary)
+    return {
+        "created_utc": "now", "seconds": 1.0, "command": "mmfuse eval --out x", "machine": {"cpus": 2},
+        "server": {"embedded": True, "url": "127.0.0.1:1", "repository": "repo", "served_fusion": "late"},
+        "config": {"load_generator": configured} if configured else {},
+        "load": {"runs": runs, "strategy_overhead": [], "bounds": {"requests": 300, "seconds": 2.0},
+                 "perf_analyzer": {"setup": "export X=1", "commands": {"fuse_image_text": {"lines": ["perf_analyzer"]}}}},
+    }
+
+
+PA = "by Triton's perf_analyzer (C++ client from the tritonclient wheel)"
+ASYNCIO = "by mmfuse's asyncio Python client (mmfuse.loadgen)"
+
+
+def test_the_report_names_perf_analyzer_when_it_made_the_runs():
+    from mmfuse.eval.report import markdown
+
+    md = markdown(_load_report(["perf_analyzer", "perf_analyzer"]))
+    assert f"sent over loopback gRPC {PA}." in md
+    assert "asyncio" not in md and "256 outstanding" not in md
+    assert "one request count (`--request-count`; no warm-up, no measurement windows, so no stability check): " \
+           "300 requests" in md
+    assert "The figures above were already measured by perf_analyzer" in md
+
+
+def test_the_report_names_the_asyncio_client_when_it_made_the_runs():
+    from mmfuse.eval.report import markdown
+
+    for generators in (["python", "python"], [None, None]):  # None: a report from before perf_analyzer
+        md = markdown(_load_report(generators))
+        assert f"sent over loopback gRPC {ASYNCIO}." in md
+        assert "each run stops at 300 requests or 2 s, whichever comes first" in md
+        assert "Triton's perf_analyzer (C++" not in md and "--request-count" not in md
+        assert "already measured by perf_analyzer" not in md
+        assert f"The figures above were measured {ASYNCIO}. The lines below measure the same load with " \
+               "perf_analyzer" in md
+
+
+def test_the_report_names_each_load_generator_when_runs_differ():
+    from mmfuse.eval.report import load_generators, markdown
+
+    report = _load_report(["perf_analyzer", "python", "perf_analyzer"])
+    assert load_generators(report["load"]) == {"perf_analyzer": ["fuse_image_text c=2", "fuse_image_text 4/s"],
+                                               "python": ["embed_text c=3"]}
+    md = markdown(report)
+    assert f"{PA} for fuse_image_text c=2, fuse_image_text 4/s; {ASYNCIO} for embed_text c=3." in md
+    assert "Some figures above were measured by perf_analyzer, the others by mmfuse's asyncio Python client" in md
+
+
+def test_a_report_without_runs_names_the_configured_load_generator():
+    from mmfuse.eval.report import markdown
+
+    assert f"sent over loopback gRPC {PA}." in markdown(_load_report([], configured="perf_analyzer"))
+    assert f"sent over loopback gRPC {ASYNCIO}." in markdown(_load_report([], configured="python"))
