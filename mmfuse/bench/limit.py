@@ -7,7 +7,6 @@ import platform
 import time
 from typing import Any
 
-from .. import processes
 from .inputs import timed
 
 
@@ -15,14 +14,16 @@ from .inputs import timed
 def machine_info() -> dict[str, Any]:
     import torch
 
-    cpu, flags = processes.cpu_model_and_flags()
+    from ..serving import hardware
+
+    cpu, flags = hardware.cpu_model_and_flags()
     model = platform.processor() or platform.machine()
     if cpu and model in ("", platform.machine(), platform.processor()):
         model = cpu
-    units = sorted(flags & {"amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512_fp16", "avx512f", "avx2"})
     info = {
-        "cpu": model, "cores": os.cpu_count(), "machine": platform.machine(), "flags": units,
-        "bf16_matrix_units": bool(flags & {"amx_bf16", "avx512_bf16"}),
+        "cpu": model, "cores": os.cpu_count(), "usable_cores": hardware.usable_cores(), "machine": platform.machine(),
+        "flags": [f for f in hardware.REPORTED_FLAGS if f in flags], "cpu_class": hardware.cpu_class(flags),
+        "bf16_matrix_units": hardware.has_bf16_units(flags),
         "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(), "host": platform.node(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

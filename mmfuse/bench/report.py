@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-SERVED_RUNS = ("embed_image", "fuse_image_text", "embed_text", "fuse_image_text_at_load")
+SERVED_RUNS = ("embed_image", "fuse_image_text", "embed_text", "fuse_image_text_at_load", "embed_image_c1",
+               "embed_text_c1")
 
 
 def jsonable(value):
@@ -74,10 +75,93 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
         if "embed_image" in summary:
             entry["served_over_ceiling"] = summary["embed_image"]["served_per_s"] / measured["embed_image_per_s"]
         summary["ceiling_measured"] = entry
+    single = {name: {k: served_[f"{name}_c1"][k] for k in ("p50_ms", "p99_ms", "items_per_s")}
+              for name in ("embed_image", "embed_text") if served_.get(f"{name}_c1")}
+    if single:
+        summary["concurrency_1"] = single
+    summary["targets"] = targets(result, summary)
     if served_.get("outputs"):
         summary["served_min_cosine_vs_fp32"] = min(served_["outputs"]["image_min_cosine_vs_fp32_in_process"],
                                                    served_["outputs"]["text_min_cosine_vs_fp32_in_process"])
     return jsonable(summary)
+
+
+TARGETS_FILE = Path(__file__).resolve().parent / "targets.json"
+
+
+def target_data() -> dict[str, Any]:
+    """The targets (mmfuse/bench/targets.json): thresholds, and the other servers' figures with their machine."""
+    return json.loads(TARGETS_FILE.read_text())
+
+
+def _target(name: str, wanted: str, figure: str, ratio: float | None, met: bool | None, detail: str) -> dict[str, Any]:
+    return {"target": name, "wanted": wanted, "figure": figure, "ratio": ratio, "met": met, "detail": detail}
+
+
+def targets(result: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of targets.json with its figure from this run: ``met`` True or False, or None where the run
+    could not decide it (not measured here, or a reference from another kind of machine); ``detail`` says why."""
+    data, served_ = target_data(), result.get("served") or {}
+    out: list[dict[str, Any]] = []
+    profile = result["options"]["profile"]
+    compare = result.get("compare") or {}
+    rule = data["auto_over_best_hand_picked"]
+    for ensemble in rule["ensembles"]:
+        name, wanted = f"auto vs the best hand-picked profile, {ensemble}", f">= {rule['at_least']:.2f}"
+        rates = {p: r[ensemble]["items_per_s"] for p, r in compare.items() if (r.get(ensemble) or {}).get("items_per_s")}
+        mine = (served_.get(ensemble) or {}).get("items_per_s")
+        if profile != "auto" or not rates or not mine:
+            why = ("--profile is not auto" if profile != "auto" else "no hand-picked profile served in this run"
+                   if not rates else "not served in this run")
+            out.append(_target(name, wanted, "-", None, None, f"not measured: {why}"))
+            continue
+        best = max(rates, key=rates.get)
+        ratio = mine / rates[best]
+        others = ", ".join(f"{p} {r:.1f}" for p, r in rates.items())
+        out.append(_target(name, wanted, f"{ratio:.2f}", ratio, ratio >= rule["at_least"],
+                           f"auto {mine:.1f} items/s vs {best} {rates[best]:.1f} (served alone, same load; {others})"))
+    rule = data["served_over_ceiling"]
+    name, wanted = "served embed_image / in-process ceiling", f">= {rule['at_least']:.2f}"
+    measured, raw = summary.get("ceiling_measured") or {}, result.get("ceiling_measured") or {}
+    if "served_over_ceiling" in measured:
+        ratio = measured["served_over_ceiling"]
+        out.append(_target(name, wanted, f"{ratio:.2f}", ratio, ratio >= rule["at_least"],
+                           f"{summary['embed_image']['served_per_s']:.1f} img/s served vs {measured['embed_image_per_s']:.1f} "
+                           f"in-process ({raw.get('engine')}, {raw.get('precision')}, {raw.get('workers')} processes)"))
+    else:
+        out.append(_target(name, wanted, "-", None, None, "not measured: the ceiling is measured on a CPU device, "
+                                                           "with a served embed_image run"))
+    others = data["other_servers"]
+    hw = result.get("hardware") or {}
+    same_kind = hw.get("class") == others["machine_class"] and hw.get("cores") == others["machine_cores"]
+    for ensemble, at_least in others["at_least"].items():
+        best_name = max(others["servers"], key=lambda n: others["servers"][n][ensemble])
+        reference = others["servers"][best_name][ensemble]
+        name, wanted = f"{ensemble} vs the best other server", f">= {at_least:.1f}x"
+        mine = (served_.get(ensemble) or {}).get("items_per_s")
+        if not mine:
+            out.append(_target(name, wanted, "-", None, None, "not measured: not served in this run"))
+            continue
+        ratio = mine / reference
+        detail = f"{mine:.1f} items/s vs {best_name} {reference:.1f}, measured on {others['machine']}"
+        if not same_kind:
+            detail += (f"; this machine is {hw.get('class')} with {hw.get('cores')} cores, not that kind: the ratio is "
+                       "for orientation only")
+        out.append(_target(name, wanted, f"{ratio:.2f}x", ratio, (ratio >= at_least) if same_kind else None, detail))
+    rule = data["single_image_latency"]
+    name, wanted = "embed_image p50 at concurrency 1 / in-process single image", f"<= {rule['at_most']:.2f}"
+    runs = (served_ if profile == "auto-latency" else result.get("served_latency") or {})
+    c1, alone = runs.get("embed_image_c1"), result.get("single_image")
+    if c1 and alone:
+        ratio = c1["p50_ms"] / alone["p50_ms"]
+        out.append(_target(name, wanted, f"{ratio:.2f}", ratio, ratio <= rule["at_most"],
+                           f"served p50 {c1['p50_ms']:.1f} ms (auto-latency, p99 {c1['p99_ms']:.1f}) vs in-process "
+                           f"{alone['p50_ms']:.1f} ms ({alone['engine']}, {alone['precision']}, {alone['threads']} "
+                           "thread(s))"))
+    else:
+        out.append(_target(name, wanted, "-", None, None, "not measured: needs the concurrency-1 runs on a CPU "
+                                                           "(off with --no-latency)"))
+    return out
 
 
 def serving_ceiling(result: dict[str, Any]) -> dict[str, Any] | None:
@@ -119,6 +203,10 @@ def table(result: dict[str, Any]) -> str:
         f"{m['cpu']} ({m['cores']} cores; bf16 matrix units: {'yes' if m['bf16_matrix_units'] else 'no'}), "
         f"load average {result['load_average_start']} -> {result.get('load_average_end')}",
         "",
+        *_auto_lines(result),
+        "",
+        *_target_lines(s.get("targets") or []),
+        "",
         "| limit | |",
         "| --- | --- |",
     ]
@@ -156,6 +244,12 @@ def table(result: dict[str, Any]) -> str:
     if normalised:
         lines.append("served/limit if the server had had the whole machine (served per server core x cores; an "
                      "estimate for shared machines): " + ", ".join(normalised))
+    single = s.get("concurrency_1")
+    if single:
+        lines.append(f"single requests (concurrency 1, one row each, profile '{result['options']['profile']}'): " + "; ".join(
+            f"{name} p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms ({r['items_per_s']:.1f} items/s)"
+            for name, r in single.items()))
+    lines += _compare_lines(result)
     c = s.get("ceiling")
     if c:
         lines.append(f"ceiling with no serving overhead (in-process, one thread per core): image tower ({c.get('engine', 'torch')}) "
@@ -253,6 +347,47 @@ def table(result: dict[str, Any]) -> str:
                           f"{k} thread(s) {v:.1f}/s" for k, v in n["embed_image_per_s_by_threads"].items())]
     lines.append(f"({result['seconds']:.0f} s; machine {m['host']}, {m['time_utc']})")
     return _paragraphs(lines)
+
+
+def _auto_lines(result: dict[str, Any]) -> list[str]:
+    """The hardware class the run detected and what ``auto`` chose for each goal."""
+    hw, choices = result.get("hardware"), result.get("auto") or {}
+    if not hw:
+        return []
+    flags = " ".join(hw.get("flags") or []) or "no AVX2"
+    gpus = f"; GPU: {', '.join(hw['gpus'])}" if hw.get("gpus") else ""
+    lines = [f"hardware class: {hw['class']} ({hw.get('cpu') or 'unknown CPU'}, {hw['cores']} usable cores; {flags}{gpus})"]
+    for goal, c in choices.items():
+        name = "auto" if goal == "throughput" else "auto-latency"
+        encoders = "; ".join(f"{m} {e['instances']} x {e.get('torch_threads', '0')} thread(s) {e.get('engine', 'torch')} "
+                             f"{e.get('precision', 'fp32')}" for m, e in c["encoders"].items())
+        lines.append(f"{name} chose: profile '{c['base_profile']}' adapted, decoding {c['decoding']}; {encoders}")
+    return lines
+
+
+def _target_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["| target | wanted | measured | met | how |", "| --- | --- | --- | --- | --- |"]
+    for t in rows:
+        met = {True: "yes", False: "NO", None: "-"}[t["met"]]
+        lines.append(f"| {t['target']} | {t['wanted']} | {t['figure']} | {met} | {t['detail']} |")
+    return lines
+
+
+def _compare_lines(result: dict[str, Any]) -> list[str]:
+    """The hand-picked profiles served beside the run's profile: each alone, the same closed-loop load."""
+    compare, served_ = result.get("compare") or {}, result.get("served") or {}
+    if not compare:
+        return []
+    rows = {result["options"]["profile"]: served_, **compare}
+    lines = ["", "| profile (served alone, same load) | embed_image items/s | embed_text items/s | server cores (image) |",
+             "| --- | --- | --- | --- |"]
+    for name, runs in rows.items():
+        image, text = runs.get("embed_image") or {}, runs.get("embed_text") or {}
+        lines.append(f"| {name} | {_f(image.get('items_per_s'))} | {_f(text.get('items_per_s'))} | "
+                     f"{_f(image.get('server_cpu_cores'), '.2f')} |")
+    return lines
 
 
 def _load_generators(served_: dict[str, Any]) -> str:

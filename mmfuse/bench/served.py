@@ -49,9 +49,10 @@ PROFILES: Mapping[str, Mapping[str, Tuning]] = _Profiles()
 
 
 def build_repository(target: Path, model_name: str, profile: str, source: Path | None = None,
-                     extra_params: dict[str, dict[str, str]] | None = None) -> Path:
+                     extra_params: dict[str, dict[str, str]] | None = None, precision: str | None = None) -> Path:
     """A copy of the models the three ensembles need, switched to ``model_name`` with random weights,
-    late fusion without a head, and the ``profile``'s settings."""
+    late fusion without a head, and the ``profile``'s settings (its encoders' precision replaced by
+    ``precision`` where given)."""
     from ..export import set_fusion_head
     from ..paths import DEFAULT_MODEL_REPOSITORY
     from ..repository import set_parameters, set_sequence_routing
@@ -70,18 +71,17 @@ def build_repository(target: Path, model_name: str, profile: str, source: Path |
     set_fusion_head(target, "fusion", "late", "", has_head=False)
     # Late fusion reads the pooled embeddings only: a late deployment does not route the token sequences
     # (the encoders then skip converting and shipping them); the baseline keeps the shipped routing.
-    set_sequence_routing(target, "fuse_image_text", "fusion", load_profile(profile).route_sequences)
-    apply_profile(target, profile, extra_params=extra_params)
+    settings = load_profile(profile, precision)
+    set_sequence_routing(target, "fuse_image_text", "fusion", settings.route_sequences)
+    apply_profile(target, settings, extra_params=extra_params)
     return target
 
 
-
-
-def serving_precision(profile: str, device: str = "cpu") -> str:
+def serving_precision(profile: str, device: str = "cpu", precision: str | None = None) -> str:
     """The precision the profile's image encoder computes in on this machine (``auto`` resolved here)."""
     from ..serving.hardware import resolve_precision
 
-    tuning = PROFILES.get(profile, {}).get("image_encoder")
+    tuning = load_profile(profile, precision).models.get("image_encoder") if profile in profile_names() else None
     if tuning is not None and "precision" in tuning.params:
         return resolve_precision(tuning.params["precision"], "GPU" if tuning.kind == "KIND_GPU" else "CPU")
     return "fp32"
@@ -252,9 +252,11 @@ class ServedPlan:
 
 def served(repository: Path, model_name: str, images: Sequence[bytes], captions: Sequence[str], plan: ServedPlan,
            log_dir: Path, precision: str, ensembles: Sequence[str] = ("embed_image", "embed_text", "fuse_image_text"),
-           fixed_rate: bool = True, check_outputs: bool = True) -> dict[str, Any]:
-    """Start a tritonserver on ``repository``; closed-loop runs of ``ensembles``, then fuse_image_text at
-    ``plan.load_fraction`` of its closed-loop peak; each with the models' statistics over the run."""
+           fixed_rate: bool = True, check_outputs: bool = True, single: Sequence[str] = ()) -> dict[str, Any]:
+    """Start a tritonserver on ``repository``; closed-loop runs of ``ensembles``, then the ``single`` ensembles
+    one request of one row at a time (concurrency 1: ``ENSEMBLE_c1``, what a service sending single requests
+    sees), then fuse_image_text at ``plan.load_fraction`` of its closed-loop peak; each with the models'
+    statistics over the run."""
     from ..server import ServerConfig, ServerError, TritonServer
 
     _check_load_generator(plan.load_generator)
@@ -284,6 +286,13 @@ def served(repository: Path, model_name: str, images: Sequence[bytes], captions:
             out[ensemble] = closed_loop_run(url, ensemble, requests, plan.rows, plan.concurrency, plan.warmup_s,
                                             duration, plan.max_requests, pid, plan.load_generator)
             out[ensemble]["models"] = triton_stats.delta(before, statistics(url))
+        for ensemble in single:
+            requests = make_requests(ensemble, images, captions, 1, 8)
+            duration = (plan.text_duration_s if ensemble == "embed_text" else plan.duration_s) / 2
+            before = statistics(url)
+            out[f"{ensemble}_c1"] = closed_loop_run(url, ensemble, requests, 1, 1, plan.warmup_s, duration,
+                                                    plan.max_requests, pid, plan.load_generator)
+            out[f"{ensemble}_c1"]["models"] = triton_stats.delta(before, statistics(url))
         if fixed_rate and "fuse_image_text" in out:
             peak = out["fuse_image_text"]["items_per_s"]
             rate = max(plan.load_fraction * peak / plan.rows, 0.2)  # a stalled closed loop still gets a rate

@@ -19,15 +19,39 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _profiles(text: str) -> tuple[str, ...]:
+    from ..profiles import AUTO_PROFILES, profile_names
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if names in ((), ("none",)):
+        return ()
+    unknown = [n for n in names if n not in profile_names() or n in AUTO_PROFILES]
+    if unknown:
+        known = [n for n in profile_names() if n not in AUTO_PROFILES]
+        raise argparse.ArgumentTypeError(f"not a hand-picked profile: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
 def register(sub) -> None:
-    from ..profiles import profile_names
+    from ..profiles import PRECISIONS, profile_names
 
     p = sub.add_parser("bench", help="measure the serving path against the machine's matmul limit (starts its own "
                                      "tritonserver on a generated ViT-B-32 repository); prints a table, writes JSON")
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture, random weights (default ViT-B-32)")
-    p.add_argument("--profile", choices=profile_names(), default="cpu", help="serving settings (default cpu)")
+    p.add_argument("--profile", choices=profile_names(), default="auto",
+                   help="serving settings (default auto: chosen for this machine, printed with the hardware class)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="replace the profile's encoder precision (int8: OpenVINO, quantised at load)")
+    p.add_argument("--compare", type=_profiles,
+                   help="comma-separated hand-picked profiles served alone beside --profile under the same load, for "
+                        "the 'auto vs best hand-picked' target (default: baseline,cpu,latency on a CPU; baseline,gpu "
+                        "on a GPU); 'none' serves none")
     p.add_argument("--baseline", action="store_true",
-                   help="also serve the shipped settings (fp32, one instance each) for before/after")
+                   help="also serve the shipped settings (fp32, one instance each) for before/after (it is among the "
+                        "compared profiles by default; this adds it to --compare)")
+    p.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="skip the concurrency-1 runs (p50/p99 of single requests), the auto-latency server and the "
+                        "in-process single-image time they are held to")
     p.add_argument("--quick", action="store_true", help="a small, fast run (for tests): few inputs, seconds per step")
     decode = p.add_mutually_exclusive_group()
     decode.add_argument("--jpeg-draft", dest="jpeg_draft", action="store_const", const=True,
@@ -50,16 +74,24 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bench import BenchOptions, run_bench, table, write_json
     from ..perf_analyzer import PerfAnalyzerError
+    from ..profiles import load_profile
     from ..server import ServerError
 
     options = BenchOptions.quick_options() if args.quick else BenchOptions()
     options.model, options.profile, options.baseline = args.model, args.profile, args.baseline
+    options.precision, options.compare, options.latency = args.precision, args.compare, args.latency
     options.jpeg_draft, options.served = args.jpeg_draft, not args.no_served
-    if args.profile == "gpu":
+    try:
+        # auto: chosen for this machine here; a precision it cannot serve (bf16 without bf16 units) is refused
+        settings = load_profile(args.profile, args.precision)
+    except ValueError as error:
+        print(f"mmfuse bench: {error}", file=sys.stderr)
+        return 2
+    if any(t.kind == "KIND_GPU" for t in settings.models.values()):
         import torch
 
         if not torch.cuda.is_available():
-            print("mmfuse bench: --profile gpu needs a CUDA GPU (KIND_GPU instances); none is visible here",
+            print(f"mmfuse bench: --profile {args.profile} needs a CUDA GPU (KIND_GPU instances); none is visible here",
                   file=sys.stderr)
             return 2
         options.device = "cuda"

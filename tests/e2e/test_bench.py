@@ -88,11 +88,11 @@ def test_limit_ratios_and_statistics_are_consistent(quick_run):
     assert measured["workers"] == result["machine"]["cores"] and min(measured["per_worker_per_s"]) > 0
     assert s["ceiling_measured"]["served_over_ceiling"] == pytest.approx(
         s["embed_image"]["served_per_s"] / measured["embed_image_per_s"])
-    for model in ("image_encoder", "text_encoder"):
-        assert "# mmfuse profile 'cpu'" in result["configs"][model]
-        assert 'string_value: "auto"' in result["configs"][model]  # resolved where it serves
     from mmfuse.serving.hardware import resolve_precision
 
+    for model in ("image_encoder", "text_encoder"):  # the default profile: auto, chosen for this machine
+        assert "# mmfuse profile 'auto'" in result["configs"][model]
+        assert f'string_value: "{resolve_precision("auto")}"' in result["configs"][model]
     assert result["served_precision"] == resolve_precision("auto")
 
 
@@ -121,3 +121,46 @@ def test_served_figures_came_from_perf_analyzer(quick_run):
         assert result["summary"][name]["load_generator"] == "perf_analyzer"
     assert result["summary"]["at_load"]["load_generator"] == "perf_analyzer"
     assert "load generator: perf_analyzer" in stdout and "fixed rate by perf_analyzer" in stdout
+
+
+@pytest.mark.timeout(600)
+def test_hardware_class_auto_choice_and_every_target_are_printed(quick_run):
+    """The run names the hardware class it detected and what auto chose, serves the hand-picked profiles alone
+    under the same load, and prints every target with its figure (the figures are not asserted: speeds)."""
+    from mmfuse import auto
+    from mmfuse.bench.report import target_data
+
+    stdout, result = quick_run
+    hw = auto.detect()
+    assert result["hardware"]["class"] == hw.hardware_class and result["hardware"]["cores"] == hw.cores
+    assert f"hardware class: {hw.hardware_class}" in stdout
+    chosen = auto.choose(hw)
+    assert result["auto"]["throughput"]["base_profile"] == chosen.base
+    assert f"auto chose: profile '{chosen.base}' adapted" in stdout and "auto-latency chose:" in stdout
+    for name in ("baseline", "cpu", "latency"):  # each served alone, every request answered
+        for ensemble in ("embed_image", "embed_text"):
+            run = result["compare"][name][ensemble]
+            assert run["requests"] > 0 and run["errors"] == 0 and run["load_generator"] == "perf_analyzer", name
+    targets = {t["target"]: t for t in result["summary"]["targets"]}
+    data = target_data()
+    assert len(targets) == 6
+    for name, t in targets.items():
+        assert f"| {name} | {t['wanted']} |" in stdout, name
+        assert t["ratio"] is not None, name  # every target measured on a CPU
+    for ensemble in ("embed_image", "embed_text"):
+        t = targets[f"auto vs the best hand-picked profile, {ensemble}"]
+        best = max(r[ensemble]["items_per_s"] for r in result["compare"].values())
+        assert t["ratio"] == pytest.approx(result["served"][ensemble]["items_per_s"] / best)
+        assert t["met"] == (t["ratio"] >= data["auto_over_best_hand_picked"]["at_least"])
+    # Single requests: one row, one in flight, by perf_analyzer, on the profile's server and on auto-latency's.
+    for runs in (result["served"], result["served_latency"]):
+        for ensemble in ("embed_image", "embed_text"):
+            run = runs[f"{ensemble}_c1"]
+            line = run["perf_analyzer"]["command_line"].split()
+            assert line[line.index("-b") + 1] == "1" and run["errors"] == 0
+            assert line[line.index("--concurrency-range") + 1].split(":")[0] == "1"
+            assert run["models"][ensemble]["requests"] >= run["requests"]
+    latency = targets["embed_image p50 at concurrency 1 / in-process single image"]
+    assert latency["ratio"] == pytest.approx(result["served_latency"]["embed_image_c1"]["p50_ms"]
+                                             / result["single_image"]["p50_ms"])
+    assert result["single_image"]["threads"] == hw.cores

@@ -244,3 +244,87 @@ def test_a_failing_ceiling_worker_is_reported_not_hung(open_clip_tiny):
     images, _ = bench.bench_inputs(1, 96, 72)
     with pytest.raises(RuntimeError, match="measured ceiling"):
         bench.measured_ceiling("no-such-model", "fp32", "torch", False, images, seconds=0.1, workers=2)
+
+
+def _with_targets(result: dict, cls: str = "cpu-avx2", cores: int = 2) -> dict:
+    """The fake result as an ``auto`` run with the hand-picked profiles, the latency runs and a hardware class."""
+    result["options"]["profile"] = "auto"
+    result["hardware"] = {"class": cls, "cpu": "x", "cores": cores, "flags": ["avx2"], "gpus": []}
+    result["auto"] = {"throughput": {"base_profile": "cpu", "decoding": "in_encoder",
+                                     "encoders": {"image_encoder": {"instances": 2, "torch_threads": "1",
+                                                                    "engine": "openvino", "precision": "fp32"}}}}
+    result["served"]["embed_text"] = dict(result["served"]["embed_image"], items_per_s=120.0)
+    result["served"]["embed_image_c1"] = {"items_per_s": 9.0, "p50_ms": 110.0, "p99_ms": 130.0}
+    result["compare"] = {"baseline": {"embed_image": {"items_per_s": 20.0}, "embed_text": {"items_per_s": 50.0}},
+                         "cpu": {"embed_image": {"items_per_s": 51.0}, "embed_text": {"items_per_s": 100.0}}}
+    result["served_latency"] = {"embed_image_c1": {"items_per_s": 10.0, "p50_ms": 100.0, "p99_ms": 120.0}}
+    result["single_image"] = {"p50_ms": 90.0, "engine": "openvino", "precision": "fp32", "threads": 2}
+    return result
+
+
+def test_every_target_has_its_figure_and_verdict():
+    result = _with_targets(_fake_result())
+    result["summary"] = s = bench.summarise(result)
+    t = {row["target"]: row for row in s["targets"]}
+    image = t["auto vs the best hand-picked profile, embed_image"]
+    assert image["ratio"] == pytest.approx(50 / 51) and image["met"] is True and "cpu 51.0" in image["detail"]
+    text = t["auto vs the best hand-picked profile, embed_text"]
+    assert text["ratio"] == pytest.approx(1.2) and text["met"] is True
+    ceiling = t["served embed_image / in-process ceiling"]
+    assert ceiling["ratio"] == pytest.approx(50 / 60) and ceiling["met"] is False  # 0.83 < 0.9
+    other = t["embed_image vs the best other server"]  # the same kind of machine as the reference: decided
+    assert other["ratio"] == pytest.approx(50 / 8.9) and other["met"] is True and "infinity-emb" in other["detail"]
+    assert t["embed_text vs the best other server"]["ratio"] == pytest.approx(120 / 55.8)
+    latency = t["embed_image p50 at concurrency 1 / in-process single image"]
+    assert latency["ratio"] == pytest.approx(100 / 90) and latency["met"] is True  # the auto-latency server's p50
+    assert s["concurrency_1"]["embed_image"]["p50_ms"] == 110.0
+    text_out = bench.table(result)
+    for fragment in ("hardware class: cpu-avx2", "auto chose: profile 'cpu' adapted, decoding in_encoder",
+                     "| target | wanted | measured | met | how |",
+                     "| served embed_image / in-process ceiling | >= 0.90 | 0.83 | NO |",
+                     "| baseline | 20.0 | 50.0 |", "single requests (concurrency 1, one row each"):
+        assert fragment in text_out, fragment
+
+
+def test_targets_that_this_run_cannot_decide_say_why():
+    result = _with_targets(_fake_result(), cls="cpu-amx")  # not the kind of machine the other servers ran on
+    del result["served_latency"]
+    result["compare"] = {}
+    t = {row["target"]: row for row in bench.summarise(result)["targets"]}
+    other = t["embed_image vs the best other server"]
+    assert other["met"] is None and other["ratio"] == pytest.approx(50 / 8.9) and "orientation only" in other["detail"]
+    assert t["auto vs the best hand-picked profile, embed_image"]["met"] is None
+    assert "no hand-picked profile" in t["auto vs the best hand-picked profile, embed_image"]["detail"]
+    assert t["embed_image p50 at concurrency 1 / in-process single image"]["met"] is None
+    result = _with_targets(_fake_result())
+    result["options"]["profile"] = "cpu"  # a hand-picked profile is not held to the auto target
+    t = {row["target"]: row for row in bench.summarise(result)["targets"]}
+    assert "--profile is not auto" in t["auto vs the best hand-picked profile, embed_text"]["detail"]
+
+
+def test_the_compared_profiles():
+    from mmfuse.bench.run import compared_profiles
+
+    assert compared_profiles(bench.BenchOptions()) == ["baseline", "cpu", "latency"]
+    assert compared_profiles(bench.BenchOptions(profile="cpu")) == ["baseline", "latency"]
+    assert compared_profiles(bench.BenchOptions(device="cuda")) == ["baseline", "gpu"]
+    assert compared_profiles(bench.BenchOptions(compare=())) == []
+    assert compared_profiles(bench.BenchOptions(compare=("cpu",), baseline=True)) == ["baseline", "cpu"]
+
+
+def test_bench_command_line(capsys):
+    import argparse
+
+    from mmfuse.commands import bench as command
+
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    args = parser.parse_args(["bench"])
+    assert args.profile == "auto" and args.compare is None and args.latency and args.precision is None
+    args = parser.parse_args(["bench", "--compare", "none", "--no-latency", "--precision", "int8"])
+    assert args.compare == () and not args.latency and args.precision == "int8"
+    assert parser.parse_args(["bench", "--compare", "cpu, baseline"]).compare == ("cpu", "baseline")
+    for bad in ("auto", "fast"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["bench", "--compare", bad])
+        assert "not a hand-picked profile" in capsys.readouterr().err
