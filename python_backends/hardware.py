@@ -25,18 +25,33 @@ REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_b
                   "amx_bf16", "amx_int8")
 
 
-def cpu_model_and_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str | None, frozenset[str]]:
-    """The CPU's model name and feature flags (None and an empty set where unreadable)."""
+#: Where set (space-separated flags), replaces the flags of this machine's CPU: to see, or serve, what ``auto``
+#: picks for another class; with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS held to that class's
+#: instructions, the kernels run as there too (an emulation, labelled as one by ``mmfuse bench``).
+FLAGS_ENV = "MMFUSE_CPU_FLAGS"
+ISA_LIMITS_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def cpu_model_and_flags(cpuinfo: str | Path | None = None) -> tuple[str | None, frozenset[str]]:
+    """The CPU's model name and feature flags (None and an empty set where unreadable) from ``cpuinfo``, or
+    from /proc/cpuinfo with the flags replaced by $MMFUSE_CPU_FLAGS where that is set."""
     model, flags = None, frozenset()
     try:
-        for line in Path(cpuinfo).read_text().splitlines():
+        for line in Path(cpuinfo or "/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and model is None:
                 model = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not flags:
                 flags = frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if cpuinfo is None and os.environ.get(FLAGS_ENV, "").strip():
+        flags = frozenset(os.environ[FLAGS_ENV].split())
     return model, flags
+
+
+def emulation() -> dict[str, str]:
+    """The settings that make this machine pass for another CPU ($MMFUSE_CPU_FLAGS, the ISA limits), where set."""
+    return {k: os.environ[k] for k in (FLAGS_ENV, *ISA_LIMITS_ENV) if os.environ.get(k, "").strip()}
 
 
 @cache

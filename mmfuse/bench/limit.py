@@ -23,7 +23,7 @@ def machine_info() -> dict[str, Any]:
     info = {
         "cpu": model, "cores": os.cpu_count(), "usable_cores": hardware.usable_cores(), "machine": platform.machine(),
         "flags": [f for f in hardware.REPORTED_FLAGS if f in flags], "cpu_class": hardware.cpu_class(flags),
-        "bf16_matrix_units": hardware.has_bf16_units(flags),
+        "bf16_matrix_units": hardware.has_bf16_units(flags), "emulation": hardware.emulation(),
         "torch": torch.__version__, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(), "host": platform.node(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

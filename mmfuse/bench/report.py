@@ -357,6 +357,10 @@ def _auto_lines(result: dict[str, Any]) -> list[str]:
     flags = " ".join(hw.get("flags") or []) or "no AVX2"
     gpus = f"; GPU: {', '.join(hw['gpus'])}" if hw.get("gpus") else ""
     lines = [f"hardware class: {hw['class']} ({hw.get('cpu') or 'unknown CPU'}, {hw['cores']} usable cores; {flags}{gpus})"]
+    emulated = (result.get("machine") or {}).get("emulation")
+    if emulated:
+        lines.append("EMULATED class: " + ", ".join(f"{k}={v}" for k, v in emulated.items()) + " (this CPU's flags "
+                     "replaced and its kernels held to those instructions; the figures are this CPU's, not that class's)")
     for goal, c in choices.items():
         name = "auto" if goal == "throughput" else "auto-latency"
         encoders = "; ".join(f"{m} {e['instances']} x {e.get('torch_threads', '0')} thread(s) {e.get('engine', 'torch')} "

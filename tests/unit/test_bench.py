@@ -264,6 +264,7 @@ def _with_targets(result: dict, cls: str = "cpu-avx2", cores: int = 2) -> dict:
 
 def test_every_target_has_its_figure_and_verdict():
     result = _with_targets(_fake_result())
+    result["machine"]["emulation"] = {"MMFUSE_CPU_FLAGS": "avx2 fma", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     result["summary"] = s = bench.summarise(result)
     t = {row["target"]: row for row in s["targets"]}
     image = t["auto vs the best hand-picked profile, embed_image"]
@@ -279,7 +280,8 @@ def test_every_target_has_its_figure_and_verdict():
     assert latency["ratio"] == pytest.approx(100 / 90) and latency["met"] is True  # the auto-latency server's p50
     assert s["concurrency_1"]["embed_image"]["p50_ms"] == 110.0
     text_out = bench.table(result)
-    for fragment in ("hardware class: cpu-avx2", "auto chose: profile 'cpu' adapted, decoding in_encoder",
+    for fragment in ("hardware class: cpu-avx2", "EMULATED class: MMFUSE_CPU_FLAGS=avx2 fma, ONEDNN_MAX_CPU_ISA=AVX2",
+                     "auto chose: profile 'cpu' adapted, decoding in_encoder",
                      "| target | wanted | measured | met | how |",
                      "| served embed_image / in-process ceiling | >= 0.90 | 0.83 | NO |",
                      "| baseline | 20.0 | 50.0 |", "single requests (concurrency 1, one row each"):
