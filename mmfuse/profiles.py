@@ -85,6 +85,10 @@ def with_precision(profile: Profile, precision: str) -> Profile:
     for model in ("image_encoder", "text_encoder"):
         if model in models:
             tuning = models[model]
+            if precision == "bf16" and tuning.kind == "KIND_CPU" and not _bf16_units():
+                raise ValueError(f"profile {profile.name!r}: precision bf16 on a CPU without bf16 units (AMX or "
+                                 "AVX512-BF16) would be emulated, ~10x slower than fp32; choose fp32, int8 or auto "
+                                 "(preparing a repository for another machine: set MMFUSE_CPU_FLAGS to its flags)")
             if precision == "int8" and tuning.kind == "KIND_GPU":
                 raise ValueError(f"profile {profile.name!r}: precision int8 runs on OpenVINO's CPU plugin, not on "
                                  f"{model}'s KIND_GPU instances")
@@ -94,6 +98,12 @@ def with_precision(profile: Profile, precision: str) -> Profile:
             models[model] = Tuning(tuning.kind, tuning.count, tuning.preferred, tuning.delay_us, params,
                                    f"{tuning.why}; precision {precision} asked for")
     return Profile(profile.name, profile.description, profile.decoding, profile.route_sequences, models)
+
+
+def _bf16_units() -> bool:
+    from .serving import hardware
+
+    return hardware.has_bf16_units(hardware.cpu_model_and_flags()[1])
 
 
 def _read_profile(name: str) -> Profile:

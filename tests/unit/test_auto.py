@@ -157,3 +157,17 @@ def test_mmfuse_cpu_flags_makes_this_machine_pass_for_another_class(monkeypatch)
     monkeypatch.delenv("MMFUSE_CPU_FLAGS")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     assert hardware.emulation() == {} or set(hardware.emulation()) == {"MKL_ENABLE_INSTRUCTIONS"}
+
+
+def test_bf16_is_refused_in_any_profile_without_bf16_units(monkeypatch):
+    _, avx2 = hardware.cpu_model_and_flags(CPUINFO / "avx2-epyc-zen2.txt")
+    monkeypatch.setenv("MMFUSE_CPU_FLAGS", " ".join(sorted(avx2)))
+    for name in ("cpu", "latency", "baseline"):
+        with pytest.raises(ValueError, match="without bf16 units"):
+            with_precision(load_profile(name), "bf16")
+        assert with_precision(load_profile(name), "fp32").models["image_encoder"].params["precision"] == "fp32"
+    gpu = with_precision(load_profile("gpu"), "bf16")  # KIND_GPU: the device's units, not the CPU's
+    assert gpu.models["image_encoder"].params["precision"] == "bf16"
+    _, amx = hardware.cpu_model_and_flags(CPUINFO / "amx-xeon-dev-machine.txt")
+    monkeypatch.setenv("MMFUSE_CPU_FLAGS", " ".join(sorted(amx)))
+    assert with_precision(load_profile("cpu"), "bf16").models["text_encoder"].params["precision"] == "bf16"
