@@ -17,9 +17,15 @@ a shared machine where absolute figures move with the load:
   throughput and the cosine of the embeddings;
 * served: a real tritonserver on a generated copy of the repository (the model switched to
   ``--model``, ViT-B-32 by default, random weights; the batching/instances/threads/precision of a
-  *profile*), loaded over loopback gRPC: closed-loop throughput of embed_image, embed_text and
-  fuse_image_text, then fuse_image_text at a fixed rate of 70 % of its peak for p50/p95/p99, and the
-  fusion step's share of the end-to-end p50 from Triton's statistics API;
+  *profile*, ``auto`` by default: chosen for this machine by mmfuse.auto), loaded over loopback gRPC by
+  Triton's perf_analyzer: closed-loop throughput of embed_image, embed_text and fuse_image_text, single
+  requests (concurrency 1, one row), then fuse_image_text at a fixed rate of 70 % of its peak for
+  p50/p95/p99, and the fusion step's share of the end-to-end p50 from Triton's statistics API; then the
+  hand-picked profiles, each on a server of its own under the same load, and the ``auto-latency``
+  settings at concurrency 1;
+* the targets (targets.json): auto against the best hand-picked profile, served against the ceiling,
+  against other servers' figures (with the machine they came from), single-request p50 against one
+  image in-process on every core; each with its figure and verdict;
 * the ceiling: the in-process image tower plus its image's decoding on every core, with no serving
   overhead at all: served/limit cannot pass it on this machine with these kernels. Computed from the
   one-thread figures above, and measured: one process per core, each decoding and encoding batches of
@@ -27,8 +33,9 @@ a shared machine where absolute figures move with the load:
 
 The modules, by concern: ``limit`` (peak matmul, FLOPs per item, the machine), ``inputs`` (the generated
 JPEGs and captions), ``inprocess`` (everything measured without a server), ``served`` (the generated
-repository, the server, the load through mmfuse.loadgen, Triton's statistics through mmfuse.triton_stats),
-``report`` (ratios, table, JSON) and ``run`` (``run_bench``: all of it in order).
+repository, the server, the load through mmfuse.perf_analyzer (or mmfuse.loadgen's Python client on
+request), Triton's statistics through mmfuse.triton_stats), ``report`` (ratios, targets, table, JSON) and
+``run`` (``run_bench``: all of it in order).
 
 Profiles are data (mmfuse/profiles/*.json, one line of reason per setting; the figures that chose them
 are in docs/performance.md); ``baseline`` is the shipped repository's settings (fp32, one instance of each
