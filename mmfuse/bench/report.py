@@ -213,7 +213,8 @@ def table(result: dict[str, Any]) -> str:
     for dtype, p in peak.items():
         detail = (f" (all threads {p['all_threads_gflops']:.0f}, one thread {p['one_thread_gflops']:.0f} x {m['cores']})"
                   if "all_threads_gflops" in p else "")
-        lines.append(f"| peak matmul {dtype} | {p['peak_gflops']:.0f} GFLOP/s{detail} |")
+        emulated = " - emulated: no bf16 units on this CPU" if p.get("emulated") else ""
+        lines.append(f"| peak matmul {dtype} | {p['peak_gflops']:.0f} GFLOP/s{detail}{emulated} |")
     lines += [
         f"| FLOPs per image | {flops['image_flops'] / 1e9:.3f} GFLOP (torch flop counter: {flops['image_flops_counted'] / 1e9:.3f}, "
         "without the attention products) |",

@@ -72,7 +72,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     tokens = load_tokenizer(ClipSpec(options.model))(captions).numpy()
     longest = int((tokens.argmax(axis=1) + 1).max())
     progress("peak matrix-multiply rate ...")
-    result["peak"] = machine_peak(options.quick, options.device)
+    result["peak"] = machine_peak(options.quick, options.device, result["machine"]["bf16_matrix_units"])
     progress("FLOPs per item ...")
     result["flops"] = model_flops(options.model, longest, int(tokens.shape[1]))
     precision = serving_precision(options.profile, options.device, options.precision)
@@ -116,7 +116,8 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] = print) ->
     precisions = (("fp32", "bf16") if cpu else ("fp32", "fp16", "bf16")) + (("int8",) if precision == "int8" else ())
     batch = 4 if options.quick else (16 if cpu else 64)
     result["precision"] = inprocess.precision_cost(options.model, images, captions, precisions, options.seconds,
-                                                   batch=batch, device=_torch_device(options.device))
+                                                   batch=batch, device=_torch_device(options.device),
+                                                   bf16_units=result["machine"]["bf16_matrix_units"] or not cpu)
     if not cpu:
         progress(f"encoders built from profile {options.profile!r} as Triton builds them ...")
         result["profile_handlers"] = inprocess.profile_handlers(options.model, options.profile, images, captions,

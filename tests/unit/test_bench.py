@@ -43,6 +43,8 @@ def test_matmul_rate_is_a_rate():
     for dtype in ("fp32", "bf16"):
         p = peak[dtype]
         assert p["peak_gflops"] == max(p["all_threads_gflops"], p["one_thread_gflops"] * (os.cpu_count() or 1))
+        assert p["emulated"] is False
+    assert bench.machine_peak(quick=True, bf16_units=False)["bf16"]["emulated"] is True  # measured small, marked
 
 
 def test_inputs_are_deterministic_jpegs():
