@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..serving.hardware import REPORTED_FLAGS
+
 SERVED_RUNS = ("embed_image", "fuse_image_text", "embed_text", "fuse_image_text_at_load", "embed_image_c1",
                "embed_text_c1")
 
@@ -360,7 +362,9 @@ def _auto_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"hardware class: {hw['class']} ({hw.get('cpu') or 'unknown CPU'}, {hw['cores']} usable cores; {flags}{gpus})"]
     emulated = (result.get("machine") or {}).get("emulation")
     if emulated:
-        lines.append("EMULATED class: " + ", ".join(f"{k}={v}" for k, v in emulated.items()) + " (this CPU's flags "
+        shown = {k: (" ".join(f for f in v.split() if f in REPORTED_FLAGS) + f" of {len(v.split())} flags"
+                     if k == "MMFUSE_CPU_FLAGS" and len(v.split()) > 8 else v) for k, v in emulated.items()}
+        lines.append("EMULATED class: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + " (this CPU's flags "
                      "replaced and its kernels held to those instructions; the figures are this CPU's, not that class's)")
     for goal, c in choices.items():
         name = "auto" if goal == "throughput" else "auto-latency"
