@@ -26,10 +26,11 @@ REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_b
 
 
 #: Where set (space-separated flags), replaces the flags of this machine's CPU: to see, or serve, what ``auto``
-#: picks for another class; with ONEDNN_MAX_CPU_ISA and MKL_ENABLE_INSTRUCTIONS held to that class's
-#: instructions, the kernels run as there too (an emulation, labelled as one by ``mmfuse bench``).
+#: picks for another class; with ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS and ATEN_CPU_CAPABILITY (torch's own
+#: kernels) held to that class's instructions, the kernels run as there too (an emulation, labelled as one by
+#: ``mmfuse bench``).
 FLAGS_ENV = "MMFUSE_CPU_FLAGS"
-ISA_LIMITS_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+ISA_LIMITS_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
 
 
 def cpu_model_and_flags(cpuinfo: str | Path | None = None) -> tuple[str | None, frozenset[str]]:

@@ -134,8 +134,8 @@ def targets(result: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, A
         out.append(_target(name, wanted, "-", None, None, "not measured: the ceiling is measured on a CPU device, "
                                                            "with a served embed_image run"))
     others = data["other_servers"]
-    hw = result.get("hardware") or {}
-    same_kind = hw.get("class") == others["machine_class"] and hw.get("cores") == others["machine_cores"]
+    unlike = _unlike_the_reference(result, others)
+    peak = ((result.get("peak") or {}).get("fp32") or {}).get("peak_gflops")
     for ensemble, at_least in others["at_least"].items():
         best_name = max(others["servers"], key=lambda n: others["servers"][n][ensemble])
         reference = others["servers"][best_name][ensemble]
@@ -146,10 +146,15 @@ def targets(result: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, A
             continue
         ratio = mine / reference
         detail = f"{mine:.1f} items/s vs {best_name} {reference:.1f}, measured on {others['machine']}"
-        if not same_kind:
-            detail += (f"; this machine is {hw.get('class')} with {hw.get('cores')} cores, not that kind: the ratio is "
-                       "for orientation only")
-        out.append(_target(name, wanted, f"{ratio:.2f}x", ratio, (ratio >= at_least) if same_kind else None, detail))
+        row = _target(name, wanted, f"{ratio:.2f}x", ratio, None if unlike else ratio >= at_least, detail)
+        if unlike:
+            row["detail"] += f"; {'; '.join(unlike)}: the ratio is for orientation only"
+            if peak:
+                scaled = mine * others["machine_fp32_peak_gflops"] / peak
+                row["scaled_ratio"] = scaled / reference
+                row["detail"] += (f" (scaled to that machine's fp32 peak, {others['machine_fp32_peak_gflops']:.0f} vs "
+                                  f"{peak:.0f} GFLOP/s here: {scaled:.1f} items/s = {scaled / reference:.2f}x)")
+        out.append(row)
     rule = data["single_image_latency"]
     name, wanted = "embed_image p50 at concurrency 1 / in-process single image", f"<= {rule['at_most']:.2f}"
     runs = (served_ if profile == "auto-latency" else result.get("served_latency") or {})
@@ -164,6 +169,21 @@ def targets(result: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, A
         out.append(_target(name, wanted, "-", None, None, "not measured: needs the concurrency-1 runs on a CPU "
                                                            "(off with --no-latency)"))
     return out
+
+
+def _unlike_the_reference(result: dict[str, Any], others: dict[str, Any]) -> list[str]:
+    """Why this machine is not the kind the other servers' figures come from (nothing where it is): another
+    class or core count, an emulated class, or a torch fp32 peak outside ``peak_tolerance`` of that machine's."""
+    hw, why = result.get("hardware") or {}, []
+    if hw.get("class") != others["machine_class"] or hw.get("cores") != others["machine_cores"]:
+        why.append(f"this machine is {hw.get('class')} with {hw.get('cores')} cores, not that kind")
+    if (result.get("machine") or {}).get("emulation"):
+        why.append("this run emulates its class on another CPU")
+    peak = ((result.get("peak") or {}).get("fp32") or {}).get("peak_gflops")
+    reference = others.get("machine_fp32_peak_gflops")
+    if reference and (not peak or abs(peak / reference - 1) > others.get("peak_tolerance", 0.25)):
+        why.append(f"its torch fp32 peak is {_f(peak, '.0f')} GFLOP/s against that machine's {reference:.0f}")
+    return why
 
 
 def serving_ceiling(result: dict[str, Any]) -> dict[str, Any] | None:

@@ -143,20 +143,25 @@ def test_an_impossible_precision_is_refused_before_anything_is_written(tmp_path,
 def test_mmfuse_cpu_flags_makes_this_machine_pass_for_another_class(monkeypatch):
     """$MMFUSE_CPU_FLAGS replaces this CPU's flags (the model name stays this CPU's): auto then chooses, and the
     handlers resolve precision auto, as on that class; the bench labels the run as emulated."""
+    for name in (hardware.FLAGS_ENV, *hardware.ISA_LIMITS_ENV):
+        monkeypatch.delenv(name, raising=False)
     real_model, _ = hardware.cpu_model_and_flags()
     _, avx2 = hardware.cpu_model_and_flags(CPUINFO / "avx2-epyc-zen2.txt")
     monkeypatch.setenv("MMFUSE_CPU_FLAGS", " ".join(sorted(avx2)))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     model, flags = hardware.cpu_model_and_flags()
     assert model == real_model and flags == avx2
     hw = detect(cuda=False)
     assert hw.hardware_class == "cpu-avx2"
     assert choose(hw).profile.models["image_encoder"].params["precision"] == "fp32"
-    assert hardware.emulation() == {"MMFUSE_CPU_FLAGS": " ".join(sorted(avx2)), "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    assert hardware.emulation() == {"MMFUSE_CPU_FLAGS": " ".join(sorted(avx2)), "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                    "ATEN_CPU_CAPABILITY": "avx2"}
     assert hardware.cpu_model_and_flags(CPUINFO / "amx-xeon-dev-machine.txt")[1] != avx2  # a file is read as it is
     monkeypatch.delenv("MMFUSE_CPU_FLAGS")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    assert hardware.emulation() == {} or set(hardware.emulation()) == {"MKL_ENABLE_INSTRUCTIONS"}
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert hardware.emulation() == {}
 
 
 def test_bf16_is_refused_in_any_profile_without_bf16_units(monkeypatch):

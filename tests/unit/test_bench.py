@@ -266,7 +266,7 @@ def _with_targets(result: dict, cls: str = "cpu-avx2", cores: int = 2) -> dict:
 
 def test_every_target_has_its_figure_and_verdict():
     result = _with_targets(_fake_result())
-    result["machine"]["emulation"] = {"MMFUSE_CPU_FLAGS": "avx2 fma", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result["peak"]["fp32"]["peak_gflops"] = 130.0  # within 25 % of the other servers' machine (126 GFLOP/s)
     result["summary"] = s = bench.summarise(result)
     t = {row["target"]: row for row in s["targets"]}
     image = t["auto vs the best hand-picked profile, embed_image"]
@@ -281,6 +281,11 @@ def test_every_target_has_its_figure_and_verdict():
     latency = t["embed_image p50 at concurrency 1 / in-process single image"]
     assert latency["ratio"] == pytest.approx(100 / 90) and latency["met"] is True  # the auto-latency server's p50
     assert s["concurrency_1"]["embed_image"]["p50_ms"] == 110.0
+    result["machine"]["emulation"] = {"MMFUSE_CPU_FLAGS": "avx2 fma", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    result["summary"] = s = bench.summarise(result)
+    other = {row["target"]: row for row in s["targets"]}["embed_image vs the best other server"]
+    assert other["met"] is None and "emulates" in other["detail"]  # an emulated class decides nothing
+    assert other["scaled_ratio"] == pytest.approx(50 * 126 / 130 / 8.9)
     text_out = bench.table(result)
     for fragment in ("hardware class: cpu-avx2", "EMULATED class: MMFUSE_CPU_FLAGS=avx2 fma, ONEDNN_MAX_CPU_ISA=AVX2",
                      "auto chose: profile 'cpu' adapted, decoding in_encoder",
@@ -300,7 +305,11 @@ def test_targets_that_this_run_cannot_decide_say_why():
     assert t["auto vs the best hand-picked profile, embed_image"]["met"] is None
     assert "no hand-picked profile" in t["auto vs the best hand-picked profile, embed_image"]["detail"]
     assert t["embed_image p50 at concurrency 1 / in-process single image"]["met"] is None
-    result = _with_targets(_fake_result())
+    result = _with_targets(_fake_result())  # the class and cores of that machine, twice its fp32 peak
+    result["peak"]["fp32"]["peak_gflops"] = 252.0
+    other = {row["target"]: row for row in bench.summarise(result)["targets"]}["embed_text vs the best other server"]
+    assert other["met"] is None and "fp32 peak is 252 GFLOP/s against that machine's 126" in other["detail"]
+    assert other["scaled_ratio"] == pytest.approx(120 / 2 / 55.8) and "60.0 items/s = 1.08x" in other["detail"]
     result["options"]["profile"] = "cpu"  # a hand-picked profile is not held to the auto target
     t = {row["target"]: row for row in bench.summarise(result)["targets"]}
     assert "--profile is not auto" in t["auto vs the best hand-picked profile, embed_text"]["detail"]
