@@ -134,8 +134,8 @@ def targets(result: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, A
         out.append(_target(name, wanted, "-", None, None, "not measured: the ceiling is measured on a CPU device, "
                                                            "with a served embed_image run"))
     others = data["other_servers"]
-    unlike = _unlike_the_reference(result, others)
     peak = ((result.get("peak") or {}).get("fp32") or {}).get("peak_gflops")
+    unlike = _unlike_the_reference(result, others, peak)
     for ensemble, at_least in others["at_least"].items():
         best_name = max(others["servers"], key=lambda n: others["servers"][n][ensemble])
         reference = others["servers"][best_name][ensemble]
@@ -171,17 +171,16 @@ def targets(result: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, A
     return out
 
 
-def _unlike_the_reference(result: dict[str, Any], others: dict[str, Any]) -> list[str]:
+def _unlike_the_reference(result: dict[str, Any], others: dict[str, Any], peak: float | None) -> list[str]:
     """Why this machine is not the kind the other servers' figures come from (nothing where it is): another
-    class or core count, an emulated class, or a torch fp32 peak outside ``peak_tolerance`` of that machine's."""
+    class or core count, an emulated class, or a torch fp32 ``peak`` outside ``peak_tolerance`` of that machine's."""
     hw, why = result.get("hardware") or {}, []
     if hw.get("class") != others["machine_class"] or hw.get("cores") != others["machine_cores"]:
         why.append(f"this machine is {hw.get('class')} with {hw.get('cores')} cores, not that kind")
     if (result.get("machine") or {}).get("emulation"):
         why.append("this run emulates its class on another CPU")
-    peak = ((result.get("peak") or {}).get("fp32") or {}).get("peak_gflops")
-    reference = others.get("machine_fp32_peak_gflops")
-    if reference and (not peak or abs(peak / reference - 1) > others.get("peak_tolerance", 0.25)):
+    reference = others["machine_fp32_peak_gflops"]
+    if not peak or abs(peak / reference - 1) > others["peak_tolerance"]:
         why.append(f"its torch fp32 peak is {_f(peak, '.0f')} GFLOP/s against that machine's {reference:.0f}")
     return why
 
